@@ -32,6 +32,7 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     os.close(fd)
     try:
         _fsync_write(Path(tmp), data)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; artifacts are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -61,6 +62,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp.chmod(0o755)  # mkdtemp makes 0700
     try:
         yield tmp
     except BaseException:

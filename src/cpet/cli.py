@@ -1,0 +1,55 @@
+"""``cpet`` command line: one subcommand per pipeline stage (what ``dvc.yaml`` calls).
+
+A user-facing problem (bad config, bad data) prints one line per problem to stderr and exits
+non-zero: 2 for configuration errors, 1 for everything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cpet.env import apply_quiet_defaults
+from cpet.errors import ConfigError, CpetError
+
+
+def _parser() -> argparse.ArgumentParser:
+    from cpet.stages import ORDER
+
+    p = argparse.ArgumentParser(prog="cpet", description=__doc__.splitlines()[0])
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--root", default=".", help="project root holding data/, models/, reports/")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in ORDER:
+        sub.add_parser(name, help=f"run stage '{name}'")
+    sub.add_parser("check-params", help="validate params.yaml and print it resolved")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    apply_quiet_defaults()
+    args = _parser().parse_args(argv)
+    from cpet.config import load_params
+    from cpet.stages import STAGES
+
+    try:
+        params = load_params(Path(args.params))
+        if args.command == "check-params":
+            print(json.dumps(params.model_dump(by_alias=True), indent=2))
+            return 0
+        metrics = STAGES[args.command](params, Path(args.root))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except CpetError as err:
+        for line in str(err).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return 1
+    print(json.dumps(metrics, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
