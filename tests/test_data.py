@@ -28,7 +28,7 @@ def test_split_is_stratified_deterministic_capped_and_disjoint():
     a = data.stratified_split(kept, **kw)
     b = data.stratified_split(kept, **kw)
     assert a == b
-    assert len(a["train"]) <= 200
+    assert len(a["train"]) == 200
     assert Counter(r["label"] for r in a["validation"]) == {"a": 30, "b": 10}
     assert Counter(r["label"] for r in a["test"]) == {"a": 60, "b": 20}
     train_ratio = Counter(r["label"] for r in a["train"])

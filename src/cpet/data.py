@@ -66,17 +66,25 @@ def stratified_split(
         parts["train"][label] = items[n_val + n_test :]
     out = {}
     for split in SPLITS:
-        total = sum(len(v) for v in parts[split].values())
-        cap = caps[split]
-        keep = 1.0 if total <= cap else cap / total
-        rows = []
-        for label in sorted(parts[split]):
-            items = parts[split][label]
-            rows.extend(items[: max(1, int(len(items) * keep))] if items else [])
-        rows = rows[:cap]
+        quota = _proportional(
+            {label: len(items) for label, items in parts[split].items()}, caps[split]
+        )
+        rows = [ex for label in sorted(quota) for ex in parts[split][label][: quota[label]]]
         rng.shuffle(rows)
         out[split] = rows
     return out
+
+
+def _proportional(sizes: dict[str, int], cap: int) -> dict[str, int]:
+    """Largest-remainder allocation of ``min(cap, total)`` slots in proportion to ``sizes``."""
+    total = sum(sizes.values())
+    if total <= cap:
+        return dict(sizes)
+    exact = {k: n * cap / total for k, n in sizes.items()}
+    quota = {k: int(v) for k, v in exact.items()}
+    for k in sorted(exact, key=lambda k: (quota[k] - exact[k], k))[: cap - sum(quota.values())]:
+        quota[k] += 1
+    return quota
 
 
 def class_counts(rows: list[dict]) -> dict[str, int]:
