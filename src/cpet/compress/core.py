@@ -133,13 +133,17 @@ def compress(
         "bytes": sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()),
         "model_class": type(model).__name__,
     }
-    steps = cfg.steps if cfg.method == "mixed" else [cfg]
     cm.info["steps"] = []
-    for step in steps:
-        out = METHODS[step.method].apply(cm, step, calib)
-        cm.info["steps"].append({"method": step.method, **(out or {})})
+    apply_step(cm, cfg, calib)
     freeze(cm.model)
     return cm
+
+
+def apply_step(cm: CompressedModel, cfg: MethodConfig, calib: Calibration | None) -> None:
+    """Run one registered method on ``cm`` and log what it reports in ``cm.info["steps"]``."""
+    out = METHODS[cfg.method].apply(cm, cfg, calib)
+    if out is not None:
+        cm.info["steps"].append({"method": cfg.method, **out})
 
 
 def require_calib(cfg: MethodConfig, field_name: str, value: str, calib: Calibration | None) -> None:
