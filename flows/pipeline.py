@@ -2,7 +2,9 @@
 
 Run once:        python flows/pipeline.py
 The flow and ``dvc repro`` cannot drift apart: both iterate over ``cpet.stages.ORDER`` and call
-``cpet.stages.STAGES[name]`` with the params loaded from the same ``params.yaml``.
+``cpet.stages.STAGES[name]`` with the params loaded from the same ``params.yaml``. A stage that
+fans out (one output per compression method) runs one Prefect task per item, concurrently on the
+flow's task runner (threads here; a Dask or Ray task runner on a cluster).
 """
 
 from __future__ import annotations
@@ -24,7 +26,17 @@ def pipeline(params_path: str = "params.yaml", root: str = ".", stages: list[str
     selected = [s for s in ORDER if stages is None or s in stages]
     results = {}
     for name in selected:
-        results[name] = task(STAGES[name], name=name, cache_policy=NO_CACHE)(params, Path(root))
+        stage = STAGES[name]
+        if stage.fan_out is None:
+            results[name] = task(stage.fn, name=name, cache_policy=NO_CACHE)(params, Path(root))
+            continue
+        futures = {
+            item: task(stage.fn, name=f"{name}[{item}]", cache_policy=NO_CACHE).submit(
+                params, Path(root), **{stage.fan_out: item}
+            )
+            for item in stage.items(params)
+        }
+        results[name] = {item: fut.result() for item, fut in futures.items()}
     return results
 
 

@@ -26,7 +26,7 @@ def _flow():
 
 
 def test_flow_validates_and_stops_on_bad_data(harness, tiny_task, raw_params, tmp_path):
-    raw_params["tasks"] = {"tiny": {"source": "topic"}}
+    raw_params["tasks"] = {"tiny": {"source": "topic", "template": "{text} =", "verbalizer": {"neg": " no", "pos": " yes"}}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params))
     root = tiny_task()
     pipeline = _flow()

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import yaml
 
+from cpet.config import load_params
 from cpet.stages import ORDER, STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -11,15 +12,32 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_every_dvc_stage_maps_to_a_stage_function():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert tuple(stages) == ORDER
-    outs = {o if isinstance(o, str) else next(iter(o)) for b in stages.values() for o in b.get("outs", [])}
-    for name, body in stages.items():
-        assert body["cmd"] == f"cpet {name}"
-        assert callable(STAGES[name])
+    bodies = {n: b.get("do", b) for n, b in stages.items()}
+    outs = {o if isinstance(o, str) else next(iter(o)) for b in bodies.values() for o in b.get("outs", [])}
+    for name, body in bodies.items():
+        stage = STAGES[name]
+        if "foreach" in stages[name]:
+            assert stage.fan_out, f"{name}: dvc foreach but the stage does not fan out"
+            assert body["cmd"] == f"cpet {name} --{stage.fan_out} ${{key}}"
+            assert stages[name]["foreach"] == "${compress.methods}"
+        else:
+            assert body["cmd"] == f"cpet {name}"
         for dep in body.get("deps", []):
-            assert dep in outs or (ROOT / dep).exists(), f"{name}: dep {dep} does not exist"
-        for section in body.get("params", []):
-            assert section in yaml.safe_load((ROOT / "params.yaml").read_text()), section
+            dep_outs = {o.replace("${key}", "").rstrip("/") for o in outs}
+            assert dep in dep_outs or (ROOT / dep).exists(), f"{name}: dep {dep} does not exist"
+        for key in body.get("params", []):
+            node = params
+            for part in key.split("."):
+                part = next(iter(params["compress"]["methods"])) if part == "${key}" else part
+                assert part in node, f"{name}: params key {key} not in params.yaml"
+                node = node[part]
+
+
+def test_fan_out_items_come_from_params():
+    params = load_params(ROOT / "params.yaml")
+    assert STAGES["compress"].items(params) == list(params.compress.methods)
 
 
 def test_flow_runs_the_same_stage_functions():

@@ -16,14 +16,18 @@ from cpet.errors import ConfigError, CpetError
 
 
 def _parser() -> argparse.ArgumentParser:
-    from cpet.stages import ORDER
+    from cpet.stages import ORDER, STAGES
 
     p = argparse.ArgumentParser(prog="cpet", description=__doc__.splitlines()[0])
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     p.add_argument("--root", default=".", help="project root holding data/, models/, reports/")
     sub = p.add_subparsers(dest="command", required=True)
     for name in ORDER:
-        sub.add_parser(name, help=f"run stage '{name}'")
+        stage = STAGES[name]
+        sp = sub.add_parser(name, help=f"run stage '{name}'")
+        if stage.fan_out:
+            sp.add_argument(f"--{stage.fan_out}", default=None,
+                            help=f"run for one {stage.fan_out} only (default: all configured)")
     sub.add_parser("check-params", help="validate params.yaml and print it resolved")
     return p
 
@@ -39,7 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check-params":
             print(json.dumps(params.model_dump(by_alias=True), indent=2))
             return 0
-        metrics = STAGES[args.command](params, Path(args.root))
+        stage = STAGES[args.command]
+        selector = {}
+        if stage.fan_out and getattr(args, stage.fan_out) is not None:
+            selector[stage.fan_out] = getattr(args, stage.fan_out)
+        metrics = stage(params, Path(args.root), **selector)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -29,9 +29,31 @@ TASK_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
 
 
 class TaskConfig(Section):
-    """One classification task."""
+    """One classification task, posed to a causal LM as "prompt -> label word"."""
 
     source: str = Field(description="Loader name: 'sentiment', 'topic' or 'bigbench:<task path>'.")
+    template: str = Field(description="Prompt with a '{text}' slot; the label word follows it.")
+    verbalizer: dict[str, str] = Field(description="Label -> label word (its first token scores).")
+
+    @field_validator("template")
+    @classmethod
+    def _slot(cls, template: str) -> str:
+        try:
+            filled = template.format(text="")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(f"template must have exactly one '{{text}}' slot ({err})") from None
+        if "{text}" not in template or filled == template:
+            raise ValueError("template must contain '{text}'")
+        return template
+
+    @field_validator("verbalizer")
+    @classmethod
+    def _words(cls, words: dict[str, str]) -> dict[str, str]:
+        if len(words) < 2:
+            raise ValueError("needs at least two labels")
+        if len(set(words.values())) != len(words):
+            raise ValueError("label words must be distinct")
+        return words
 
 
 # --------------------------------------------------------------------------- fetch
@@ -90,11 +112,59 @@ class ValidateConfig(Section):
         return self
 
 
+# --------------------------------------------------------------------------- compress
+class CalibrationConfig(Section):
+    """Calibration prompts (task templates over train texts) for data-aware compression."""
+
+    samples: int = Field(gt=0, description="prompts in total, drawn evenly from every task's train split")
+    max_length: int = Field(gt=0, description="tokens per prompt")
+    batch_size: int = Field(gt=0)
+    seed: int
+
+
+class MeasureConfig(Section):
+    """How compressed models are measured (same settings before and after compression)."""
+
+    max_length: int = Field(gt=0, description="prompt tokens for zero-shot accuracy and perplexity")
+    batch_size: int = Field(gt=0)
+    ppl_texts: int = Field(gt=0, description="validation texts per task for perplexity")
+    latency_batch: int = Field(gt=0)
+    latency_seq_len: int = Field(gt=0)
+    latency_repeats: int = Field(gt=0, description="timed forward passes; the median is reported")
+
+
+class CompressConfig(Section):
+    calibration: CalibrationConfig
+    measure: MeasureConfig
+    methods: dict[str, dict[str, Any]] = Field(
+        description="name -> method config ({method: ..., ...}); see cpet.compress"
+    )
+
+    @field_validator("methods")
+    @classmethod
+    def _names(cls, methods: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        if not methods:
+            raise ValueError("at least one method is required")
+        for name in methods:
+            if not TASK_NAME.match(name):
+                raise ValueError(f"method name {name!r} must match {TASK_NAME.pattern}")
+        return methods
+
+    def method(self, name: str):
+        """The validated config of one method (a :class:`cpet.compress.MethodConfig`)."""
+        from cpet.compress import parse_config
+
+        if name not in self.methods:
+            raise ConfigError(f"compress.methods: no method named {name!r}; have {', '.join(self.methods)}")
+        return parse_config(name, self.methods[name])
+
+
 # --------------------------------------------------------------------------- all
 class Params(Section):
     tasks: dict[str, TaskConfig]
     fetch: FetchConfig
     validate_: ValidateConfig = Field(alias="validate")
+    compress: CompressConfig
 
     @field_validator("tasks")
     @classmethod
@@ -130,9 +200,15 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: top level must be a mapping")
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format(err, source)) from None
+    try:
+        for name in params.compress.methods:  # method configs live with their methods
+            params.compress.method(name)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    return params
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

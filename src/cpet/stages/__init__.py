@@ -1,13 +1,42 @@
 """Pipeline stages: one function per stage, the same code for DVC (through the CLI) and Prefect.
 
 A stage takes the typed :class:`~cpet.config.Params` and the project root, writes only under its
-own outputs (atomically) and returns a small dict of metrics. ``ORDER`` is the DVC stage order.
+own outputs (atomically) and returns a small dict of metrics. A stage that fans out (one output
+per compression method, per task, ...) also takes a keyword selecting one item; DVC runs one
+``cpet <stage> --<keyword> <item>`` per item (``foreach``) and the Prefect flow maps over them.
+``ORDER`` is the DVC stage order.
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cpet.config import Params
+from cpet.stages.compress import compress
 from cpet.stages.fetch import fetch
 from cpet.stages.validate import validate
 
-STAGES = {"fetch": fetch, "validate": validate}
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    fn: Callable[..., dict]
+    fan_out: str | None = None  # keyword selecting one item, e.g. "method"
+    items: Callable[[Params], list[str]] | None = None  # every item, from the params
+
+    def __call__(self, params: Params, root, **selector) -> dict:
+        return self.fn(params, root, **selector)
+
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage("fetch", fetch),
+        Stage("validate", validate),
+        Stage("compress", compress, "method", lambda p: list(p.compress.methods)),
+    )
+}
 ORDER = tuple(STAGES)
 
-__all__ = ["ORDER", "STAGES"]
+__all__ = ["ORDER", "STAGES", "Stage"]

@@ -1,0 +1,60 @@
+"""Model measurements shared by stages: zero-shot/adapted task accuracy, perplexity, latency."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+
+import torch
+
+from cpet.lmcls import Verbalizer, accuracy_f1, predict
+
+
+def task_metrics(model, tokenizer, rows: Sequence[dict], template: str, verbalizer: Verbalizer,
+                 *, max_length: int, batch_size: int) -> dict[str, float]:
+    """Accuracy and macro-F1 of label-word classification on ``rows`` (``text``/``label``)."""
+    index = {label: i for i, label in enumerate(verbalizer.labels)}
+    gold = [index[r["label"]] for r in rows]
+    pred, _ = predict(model, tokenizer, [r["text"] for r in rows], template, verbalizer,
+                      max_length=max_length, batch_size=batch_size)
+    return accuracy_f1(gold, pred, len(verbalizer.labels))
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, texts: Sequence[str], *, max_length: int, batch_size: int) -> float:
+    """exp(mean next-token NLL) over all real tokens of ``texts`` (each cut to max_length)."""
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(list(texts[start : start + batch_size]), return_tensors="pt", padding=True,
+                        truncation=True, max_length=max_length, add_special_tokens=False)
+        logits = model(**enc).logits[:, :-1].float()
+        target = enc["input_ids"][:, 1:]
+        mask = enc["attention_mask"][:, 1:].bool()
+        loss = torch.nn.functional.cross_entropy(logits[mask], target[mask], reduction="sum")
+        nll += loss.item()
+        count += int(mask.sum())
+    model.train(was_training)
+    return float(torch.exp(torch.tensor(nll / max(count, 1))))
+
+
+@torch.no_grad()
+def forward_latency_ms(model, *, batch: int, seq_len: int, repeats: int, warmup: int = 2,
+                       vocab_size: int | None = None) -> float:
+    """Median wall time of one forward pass on random tokens, in milliseconds."""
+    vocab = vocab_size or model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=gen)
+    mask = torch.ones_like(ids)
+    was_training = model.training
+    model.eval()
+    times = []
+    for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        model(input_ids=ids, attention_mask=mask)
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1000)
+    model.train(was_training)
+    return statistics.median(times)

@@ -1,0 +1,82 @@
+"""Small pieces several stages share: loading the base model, task views, calibration prompts."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from cpet import data
+from cpet.config import Params
+from cpet.errors import ConfigError
+from cpet.lmcls import Verbalizer, encode_prompts
+from cpet.stages.validate import require_valid
+
+BASE_DIR = Path("models") / "base"
+
+
+def load_base(root: Path):
+    """The original model (float32, eval mode) and its tokenizer from ``models/base``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(root) / BASE_DIR
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+    return model.eval(), AutoTokenizer.from_pretrained(path)
+
+
+@dataclass(frozen=True)
+class TaskView:
+    """One validated task: its rows per split, prompt template and verbalizer."""
+
+    name: str
+    template: str
+    verbalizer: Verbalizer
+    root: Path
+
+    def rows(self, split: str) -> list[dict]:
+        return data.load_split(self.root, self.name, split)
+
+
+def task_views(params: Params, root: Path, tokenizer) -> list[TaskView]:
+    """Every configured task, after checking its data passed validation and its verbalizer
+    covers exactly the task's labels."""
+    views = []
+    for name, cfg in params.tasks.items():
+        require_valid(root, name)
+        labels = data.load_manifest(root, name)["labels"]
+        if sorted(cfg.verbalizer) != sorted(labels):
+            raise ConfigError(
+                f"tasks.{name}.verbalizer: labels {sorted(cfg.verbalizer)} != data labels {labels}"
+            )
+        words = {label: cfg.verbalizer[label] for label in labels}
+        verbalizer = Verbalizer.build(tokenizer, words, where=f"tasks.{name}.verbalizer")
+        views.append(TaskView(name, cfg.template, verbalizer, Path(root)))
+    return views
+
+
+def calibration_batches(views: list[TaskView], tokenizer, *, samples: int, max_length: int,
+                        batch_size: int, seed: int) -> list[dict]:
+    """Prompts drawn evenly from every task's train split, tokenized into batches."""
+    rng = random.Random(seed)
+    per_task = -(-samples // len(views))
+    prompts: list[tuple[str, str]] = []
+    for view in views:
+        rows = view.rows("train")
+        prompts += [(view.template, r["text"]) for r in rng.sample(rows, min(per_task, len(rows)))]
+    rng.shuffle(prompts)
+    prompts = prompts[:samples]
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        enc = [encode_prompts(tokenizer, [t], tpl, max_length) for tpl, t in chunk]
+        width = max(e["input_ids"].shape[1] for e in enc)
+        import torch
+
+        ids = torch.full((len(enc), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros((len(enc), width), dtype=torch.long)
+        for row, e in enumerate(enc):
+            n = e["input_ids"].shape[1]
+            ids[row, :n], mask[row, :n] = e["input_ids"][0], e["attention_mask"][0]
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
