@@ -123,9 +123,11 @@ def _ffn_roles(name: str, mod: nn.Module, hidden: int) -> FFN | None:
         return None
     finally:
         mod.train(was_training)
-    candidates = [FFN(name, mod, ins[0], down, act)] if len(ins) == 1 else [
-        FFN(name, mod, up, down, act, gate) for gate, up in (ins, ins[::-1])
-    ]
+    candidates = (
+        [FFN(name, mod, ins[0], down, act)]
+        if len(ins) == 1
+        else [FFN(name, mod, up, down, act, gate) for gate, up in (ins, ins[::-1])]
+    )
     for ffn in candidates:
         h = ffn.child("up")(x)
         h = other[act](ffn.child("gate")(x)) * h if ffn.gate else other[act](h)

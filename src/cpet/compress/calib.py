@@ -51,9 +51,14 @@ def batches(calib: list[dict], device: torch.device) -> Iterator[tuple[dict, tor
 @contextlib.contextmanager
 def input_hooks(modules: dict[str, nn.Module], fn: Hook, tokens: TokenFilter) -> Iterator[None]:
     """While active, every call of ``modules[name]`` reports its input rows to ``fn(name, x)``."""
-    handles = [
-        m.register_forward_pre_hook(lambda mod, args, n=n: fn(n, tokens.rows(args[0]))) for n, m in modules.items()
-    ]
+
+    def make(name: str):
+        def hook(mod, args) -> None:  # returns None: a pre-hook's return value would replace the inputs
+            fn(name, tokens.rows(args[0]))
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make(n)) for n, m in modules.items()]
     try:
         yield
     finally:

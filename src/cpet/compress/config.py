@@ -76,7 +76,9 @@ class IntNConfig(_Selective):
     """Group-wise symmetric 4- or 3-bit weights; GPTQ error compensation when calibrated."""
 
     method: Literal["int4", "int3"] = "int4"
-    group_size: int = Field(128, gt=0, description="input columns sharing one scale; must divide in_features")
+    group_size: int = Field(
+        64, gt=0, description="input columns sharing one scale; must divide in_features (576 = 9 x 64 in SmolLM2)"
+    )
     algorithm: Literal["auto", "rtn", "gptq"] = Field(
         "auto", description="auto: gptq when calibration data is given, else round-to-nearest"
     )
@@ -102,7 +104,9 @@ class UnstructuredConfig(_Selective):
     method: Literal["unstructured"] = "unstructured"
     sparsity: float = Field(0.5, gt=0, lt=1, description="fraction of weights set to zero")
     score: Score = Field("magnitude", description="magnitude: |W|; wanda: |W| * ||X_j||_2 (needs calibration)")
-    granularity: Literal["row", "layer"] = Field("row", description="compare scores within each output row or whole matrix")
+    granularity: Literal["row", "layer"] = Field(
+        "row", description="compare scores within each output row or whole matrix"
+    )
 
 
 class NMConfig(_Selective):

@@ -73,8 +73,9 @@ class CompressedModel:
     info: dict[str, Any] = field(default_factory=dict)  # manifest material: steps, kept, moe, source
 
     def weight_of(self, name: str) -> nn.Parameter:
-        """The weight parameter of module ``name`` (also through a peft wrapper)."""
-        mod = self.model.get_submodule(name)
+        """The weight parameter of module ``name`` (also through peft wrappers)."""
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        mod = model.get_submodule(name)
         mod = getattr(mod, "base_layer", mod)
         return mod.weight
 
@@ -123,6 +124,8 @@ def compress(
     """
     if isinstance(cfg, dict):
         cfg = parse_config(name, cfg)
+    if any(hasattr(m, "base_layer") for m in model.modules()):
+        raise CpetError("the model carries peft adapter layers: compress the base model before adding adapters")
     if calib is not None and (not isinstance(calib, list) or not calib or "input_ids" not in calib[0]):
         raise CpetError("calib must be a non-empty list of dicts with an 'input_ids' tensor")
     work = copy.deepcopy(model)
@@ -149,4 +152,6 @@ def apply_step(cm: CompressedModel, cfg: MethodConfig, calib: Calibration | None
 def require_calib(cfg: MethodConfig, field_name: str, value: str, calib: Calibration | None) -> None:
     """Raise a ConfigError naming ``field_name`` when an activation-aware option has no data."""
     if calib is None:
-        raise ConfigError(f"{cfg.key(field_name)}: {value!r} needs calibration data; pass calib= or choose another option")
+        raise ConfigError(
+            f"{cfg.key(field_name)}: {value!r} needs calibration data; pass calib= or choose another option"
+        )
