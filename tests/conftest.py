@@ -43,3 +43,78 @@ def tiny_task(tmp_path: Path):
         return tmp_path
 
     return write
+
+
+WORDS = ("good great fine nice bad awful poor dull movie film plot the a very was is it this "
+         "Review Sentiment yes no sport match team game vote party law tax Topic").split()
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer saved/loaded like any HF tokenizer; every word is one token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", ":", "\n", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                   eos_token="<pad>")
+
+
+def tiny_rows(label_words: dict[str, list[str]], n: int, seed: int, offset: int = 0) -> list[dict]:
+    """Texts whose label is signalled by its words (so a tiny model can learn it)."""
+    import random
+
+    rng = random.Random(seed)
+    filler = "the a very was is it this movie film plot".split()
+    rows = []
+    for i in range(n):
+        label = sorted(label_words)[i % len(label_words)]
+        words = [rng.choice(label_words[label]) for _ in range(2)] + rng.sample(filler, 4)
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words) + f" {offset + i}", "label": label})
+    return rows
+
+
+@pytest.fixture
+def tiny_project(tmp_path: Path, raw_params: dict):
+    """A complete, validated project root with a 2-layer Llama base model and one tiny task.
+
+    Returns ``(root, params)``; stages run on it end to end in seconds.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cpet import data, io
+    from cpet.config import parse_params
+    from cpet.stages.validate import validate
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=True, pad_token_id=0, eos_token_id=0, bos_token_id=None)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "models/base")
+    tok.save_pretrained(tmp_path / "models/base")
+    words = {"neg": "bad awful poor dull".split(), "pos": "good great fine nice".split()}
+    splits = {"train": tiny_rows(words, 96, 0), "validation": tiny_rows(words, 32, 1, 1000),
+              "test": tiny_rows(words, 32, 2, 2000)}
+    d = data.task_dir(tmp_path, "tiny")
+    for split, rows in splits.items():
+        io.write_jsonl(d / f"{split}.jsonl", rows)
+    io.write_json(d / "manifest.json", {"task": "tiny", "labels": ["neg", "pos"]})
+    raw_params["tasks"] = {"tiny": {"source": "sentiment", "template": "Review : {text} Sentiment :",
+                                    "verbalizer": {"neg": "no", "pos": "yes"}}}
+    raw_params["fetch"]["cache_dir"] = str(tmp_path / ".cache")
+    raw_params["compress"]["calibration"].update(samples=16, max_length=32, batch_size=8)
+    raw_params["compress"]["measure"].update(max_length=32, batch_size=16, latency_repeats=2,
+                                             latency_seq_len=16)
+    raw_params["compress"]["methods"] = {
+        "int8": {"method": "int8"},
+        "struct": {"method": "structured", "heads_ratio": 0.5, "ffn_ratio": 0.25},
+    }
+    params = parse_params(raw_params)
+    validate(params, tmp_path)
+    return tmp_path, params

@@ -29,6 +29,14 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument(f"--{stage.fan_out}", default=None,
                             help=f"run for one {stage.fan_out} only (default: all configured)")
     sub.add_parser("check-params", help="validate params.yaml and print it resolved")
+    cm = sub.add_parser("compress-model", help="compress any HF causal LM folder/id, no pipeline")
+    cm.add_argument("--model", required=True, help="HF model folder or hub id (safetensors)")
+    cm.add_argument("--method", required=True,
+                    help="a compress.methods name from params.yaml, or a JSON config")
+    cm.add_argument("--out", required=True, help="output folder (written atomically)")
+    cm.add_argument("--calib", type=Path, help="calibration texts: .jsonl with 'text' or .txt lines")
+    cm.add_argument("--samples", type=int, default=64, help="calibration texts used (default 64)")
+    cm.add_argument("--trust-remote-code", action="store_true", help="run model code from the hub")
     return p
 
 
@@ -39,6 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     from cpet.stages import STAGES
 
     try:
+        if args.command == "compress-model":
+            from cpet.standalone import compress_model, parse_method_arg
+
+            method = parse_method_arg(args.method, Path(args.params))
+            print(json.dumps(compress_model(args.model, method, Path(args.out), calib=args.calib,
+                                            samples=args.samples,
+                                            trust_remote_code=args.trust_remote_code), indent=2))
+            return 0
         params = load_params(Path(args.params))
         if args.command == "check-params":
             print(json.dumps(params.model_dump(by_alias=True), indent=2))

@@ -127,6 +127,7 @@ class MeasureConfig(Section):
 
     max_length: int = Field(gt=0, description="prompt tokens for zero-shot accuracy and perplexity")
     batch_size: int = Field(gt=0)
+    max_examples: int = Field(gt=0, description="validation examples per task for zero-shot accuracy")
     ppl_texts: int = Field(gt=0, description="validation texts per task for perplexity")
     latency_batch: int = Field(gt=0)
     latency_seq_len: int = Field(gt=0)

@@ -66,6 +66,22 @@ def last_token_logits(logits: torch.Tensor, attention_mask: torch.Tensor) -> tor
     return logits[torch.arange(logits.shape[0]), last]
 
 
+def label_position_logits(model, batch: dict) -> torch.Tensor:
+    """Next-token logits at each row's last real position, ``[batch, vocab]``.
+
+    Asks the model for logits at only the (few distinct) last positions of the batch
+    (``logits_to_keep``, supported by current HF causal LMs): the vocabulary projection of a
+    49k-token vocabulary over every position would otherwise cost ~20% of the forward pass.
+    """
+    last = batch["attention_mask"].sum(dim=1) - 1
+    keep, where = torch.unique(last, return_inverse=True)
+    try:
+        logits = model(**batch, logits_to_keep=keep).logits
+    except TypeError:  # an architecture without logits_to_keep
+        return last_token_logits(model(**batch).logits, batch["attention_mask"])
+    return logits[torch.arange(logits.shape[0]), where]
+
+
 @torch.no_grad()
 def predict(model, tokenizer, texts: Sequence[str], template: str, verbalizer: Verbalizer,
             *, max_length: int, batch_size: int = 16) -> tuple[list[int], torch.Tensor]:
@@ -76,8 +92,7 @@ def predict(model, tokenizer, texts: Sequence[str], template: str, verbalizer: V
     ids = torch.tensor(verbalizer.token_ids)
     for start in range(0, len(texts), batch_size):
         batch = encode_prompts(tokenizer, texts[start : start + batch_size], template, max_length)
-        logits = model(**batch).logits
-        scores.append(last_token_logits(logits, batch["attention_mask"])[:, ids].float())
+        scores.append(label_position_logits(model, batch)[:, ids].float())
     model.train(was_training)
     s = torch.cat(scores) if scores else torch.zeros((0, len(ids)))
     return s.argmax(dim=1).tolist(), s

@@ -29,7 +29,7 @@ def measure(model, tokenizer, views, params: Params) -> dict:
     out: dict = {"tasks": {}}
     texts = []
     for view in views:
-        rows = view.rows("validation")
+        rows = view.rows("validation")[: m.max_examples]
         out["tasks"][view.name] = task_metrics(
             model, tokenizer, rows, view.template, view.verbalizer,
             max_length=m.max_length, batch_size=m.batch_size,
@@ -57,7 +57,7 @@ def _baseline(model, tokenizer, views, params: Params, root: Path, base_hash: st
 def compress_one(params: Params, root: Path, name: str) -> dict:
     """Compress the base model with method ``name`` and measure before/after."""
     from cpet.compress import compress as run_method
-    from cpet.compress import save_compressed, summarize
+    from cpet.compress import save_compressed
 
     cfg = params.compress.method(name)
     root = Path(root)
@@ -75,14 +75,19 @@ def compress_one(params: Params, root: Path, name: str) -> dict:
     out = root / OUT_DIR / name
     manifest = save_compressed(cm, out, source_hash=base_hash)
     after = measure(cm.model, tokenizer, views, params)
+    m = params.compress.measure
+    after["deploy_latency_ms"] = forward_latency_ms(  # packed weights, dequantized per call
+        cm.deploy_model(), batch=m.latency_batch, seq_len=m.latency_seq_len, repeats=m.latency_repeats
+    )
     base_bytes = sum(f.stat().st_size for f in (root / BASE_DIR).glob("*.safetensors"))
-    summary = summarize(cm, bytes_on_disk=manifest.get("bytes_on_disk"))
+    keys = ("parameters", "parameters_nonzero", "bytes_on_disk", "sparsity", "bits",
+            "skipped_ffn_fraction", "router_cost_fraction")
     metrics = {
         "method": name,
         "config": json.loads(cfg.model_dump_json()),
         "compress_seconds": round(seconds, 1),
-        "size_ratio": (summary.get("bytes_on_disk") or 0) / base_bytes,
-        "summary": summary,
+        "size_ratio": manifest["bytes_on_disk"] / base_bytes,
+        "summary": {k: manifest[k] for k in keys if k in manifest},
         "before": before,
         "after": after,
     }

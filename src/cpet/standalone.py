@@ -1,0 +1,72 @@
+"""``cpet compress-model``: compress any HF causal LM without running the pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cpet import io
+from cpet.data import read_jsonl
+from cpet.errors import ConfigError, DataError
+
+
+def _calibration(path: Path, tokenizer, samples: int, max_length: int, batch_size: int) -> list[dict]:
+    """Batches from a .jsonl file of {"text": ...} rows or a plain text file (one text a line)."""
+    if path.suffix == ".jsonl":
+        rows = read_jsonl(path)
+        bad = next((i for i, r in enumerate(rows, 1) if not isinstance(r, dict) or not isinstance(r.get("text"), str)), None)
+        if bad is not None:
+            raise DataError(f"{path}:{bad}: expected an object with a string 'text'")
+        texts = [r["text"] for r in rows]
+    else:
+        if not path.is_file():
+            raise DataError(f"{path}: file not found")
+        texts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not texts:
+        raise DataError(f"{path}: no calibration texts")
+    texts = texts[:samples]
+    return [
+        dict(tokenizer(texts[i : i + batch_size], return_tensors="pt", padding=True,
+                       truncation=True, max_length=max_length))
+        for i in range(0, len(texts), batch_size)
+    ]
+
+
+def compress_model(model_path: str, method: dict, out: Path, *, calib: Path | None = None,
+                   samples: int = 64, max_length: int = 128, batch_size: int = 8,
+                   trust_remote_code: bool = False) -> dict:
+    """Load ``model_path`` (safetensors only), compress it with ``method``, save to ``out``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cpet.compress import compress, parse_config, save_compressed
+
+    cfg = parse_config("--method", method, prefix="compress-model")
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
+    ).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batches = _calibration(calib, tokenizer, samples, max_length, batch_size) if calib else None
+    cm = compress(model, cfg, batches)
+    weights = sorted(Path(model_path).glob("*.safetensors")) if Path(model_path).is_dir() else []
+    source = io.sha256_file(weights[0]) if len(weights) == 1 else None
+    manifest = save_compressed(cm, out, source_hash=source)
+    return {k: manifest[k] for k in ("method", "parameters", "bytes_on_disk", "sparsity") if k in manifest}
+
+
+def parse_method_arg(value: str, params_path: Path) -> dict:
+    """``--method`` is a method name from params.yaml's compress.methods, or an inline JSON config."""
+    if value.lstrip().startswith("{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"--method: invalid JSON ({err.msg})") from None
+    from cpet.config import load_params
+
+    methods = load_params(params_path).compress.methods
+    if value not in methods:
+        raise ConfigError(f"--method: {value!r} is not in {params_path} compress.methods "
+                          f"({', '.join(methods)}); or pass a JSON config")
+    return methods[value]
