@@ -27,6 +27,10 @@ def test_compress_stage_writes_model_manifest_and_metrics(tiny_project):
         deployed = load_compressed(folder, form="deploy")
         torch.testing.assert_close(model(input_ids=ids).logits, deployed(input_ids=ids).logits)
     assert out["int8"]["size_ratio"] < 0.4  # packed int8 + fp32 embeddings
+    from cpet.stages.compress import table
+
+    md = table(root)
+    assert "| int8 |" in md and "| struct |" in md and "| original (fp32) |" in md
     kept = read_manifest(root / "models/compressed/struct")["kept"]
     assert any(k.endswith("o_proj") for k in kept)
 

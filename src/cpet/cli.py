@@ -29,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument(f"--{stage.fan_out}", default=None,
                             help=f"run for one {stage.fan_out} only (default: all configured)")
     sub.add_parser("check-params", help="validate params.yaml and print it resolved")
+    sub.add_parser("compress-report", help="print a markdown table of reports/compress/*.json")
     cm = sub.add_parser("compress-model", help="compress any HF causal LM folder/id, no pipeline")
     cm.add_argument("--model", required=True, help="HF model folder or hub id (safetensors)")
     cm.add_argument("--method", required=True,
@@ -54,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(compress_model(args.model, method, Path(args.out), calib=args.calib,
                                             samples=args.samples,
                                             trust_remote_code=args.trust_remote_code), indent=2))
+            return 0
+        if args.command == "compress-report":
+            from cpet.stages.compress import table
+
+            print(table(args.root), end="")
             return 0
         params = load_params(Path(args.params))
         if args.command == "check-params":

@@ -99,3 +99,28 @@ def compress(params: Params, root: str | Path = ".", method: str | None = None) 
     """Run one method (``method``) or all configured methods in order."""
     names = [method] if method else list(params.compress.methods)
     return {name: compress_one(params, Path(root), name) for name in names}
+
+
+def table(root: str | Path = ".") -> str:
+    """Markdown table of every ``reports/compress/<name>.json``: size, speed, accuracy."""
+    rows = [json.loads(p.read_text()) for p in sorted((Path(root) / REPORT_DIR).glob("*.json"))]
+    if not rows:
+        return "no compressed models measured yet\n"
+    tasks = list(rows[0]["before"]["tasks"])
+    head = ["method", "params (M)", "size vs fp32", "sparsity", "perplexity"]
+    head += [f"{t} acc" for t in tasks] + ["latency ms (train form)", "latency ms (packed)"]
+    b = rows[0]["before"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out.append("| original (fp32) | | 1.00 | 0 | " + f"{b['perplexity']:.1f} | "
+               + " | ".join(f"{b['tasks'][t]['accuracy']:.3f}" for t in tasks)
+               + f" | {b['latency_ms']:.0f} | |")
+    for r in rows:
+        a, s = r["after"], r["summary"]
+        skip = f", {s['skipped_ffn_fraction']:.0%} FFN skipped" if "skipped_ffn_fraction" in s else ""
+        out.append(
+            f"| {r['method']} | {s['parameters'] / 1e6:.1f} | {r['size_ratio']:.2f} | "
+            f"{s.get('sparsity', 0):.2f}{skip} | {a['perplexity']:.1f} | "
+            + " | ".join(f"{a['tasks'][t]['accuracy']:.3f}" for t in tasks)
+            + f" | {a['latency_ms']:.0f} | {a.get('deploy_latency_ms', float('nan')):.0f} |"
+        )
+    return "\n".join(out) + "\n"

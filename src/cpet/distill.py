@@ -1,0 +1,248 @@
+"""Losses: the task loss on the verbalizer's label tokens, and CPET's distillation from a cached teacher.
+
+Task loss: cross-entropy over the label-word logits at the last prompt position (the logits of
+the other vocabulary entries are never used, and only the last positions' logits are computed).
+Distillation (student = compressed model + inherited LoRA + recovery; teacher = the *uncompressed*
+model + its task adapter, frozen)::
+
+    loss = task + alpha * mean_l MSE(h_s[l], h_t[l])      (real tokens only, layers l of output_hidden_states)
+                + beta * T^2 * KL(softmax(z_t / T) || softmax(z_s / T))    (label-word logits)
+
+The teacher runs once over the training set (``build_teacher_cache``); a step reads its outputs by
+example index, so a CPET step costs about as much as a plain LoRA step.
+
+Cache file (one safetensors file; tensors per example are ragged, concatenated along tokens)::
+
+    offsets       int64 [N+1]           tokens of example i are rows offsets[i]:offsets[i+1]
+    input_ids     int32 [T]             the prompt tokens (checked against the student's batch)
+    hidden.<l>    fp16  [T, hidden]     teacher hidden state l (index into output_hidden_states)
+    label_logits  fp32  [N, n_labels]   teacher label-word logits at the last prompt position
+    metadata: format, layers, label_token_ids, template, max_length
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from safetensors import safe_open
+from torch import nn
+
+from cpet.errors import ConfigError, DataError
+from cpet.lmcls import Verbalizer
+from cpet.train.data import pad_batch, tokenize_prompts
+
+CACHE_FORMAT = "cpet-teacher-cache/1"
+
+
+class DistillConfig(BaseModel):
+    """``params.yaml`` section for distillation (reference alpha: 1.0 LLaMA-13B, 0.055 Llama-2)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alpha: float = Field(1.0, ge=0, description="weight of the hidden-state MSE")
+    beta: float = Field(0.0, ge=0, description="weight of KL(teacher || student) on label-word logits")
+    temperature: float = Field(1.0, gt=0, description="KL temperature T (loss scaled by T^2)")
+    layers: list[int] = Field([-1], min_length=1, description="indices into output_hidden_states; -1 = last")
+
+    @field_validator("layers")
+    @classmethod
+    def _distinct(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"layers must be distinct, got {v}")
+        return v
+
+
+@dataclass
+class LMOutput:
+    label_logits: torch.Tensor  # [batch, n_labels], float32
+    hidden: dict[int, torch.Tensor]  # layer -> [batch, seq, hidden]; empty unless asked for
+
+
+def lm_forward(model: nn.Module, batch: dict, label_ids: torch.Tensor, layers: Sequence[int] = ()) -> LMOutput:
+    """One forward pass: label-word logits at each row's last real token (+ hidden states if asked).
+
+    Logits are computed only at the distinct last positions (``logits_to_keep``), hidden states
+    only when ``layers`` is non-empty, and no KV cache is built.
+    """
+    mask = batch["attention_mask"]
+    last = mask.sum(dim=1) - 1
+    keep = torch.unique(last)  # sorted
+    out = model(input_ids=batch["input_ids"], attention_mask=mask, logits_to_keep=keep,
+                output_hidden_states=bool(layers), use_cache=False)
+    col = torch.searchsorted(keep, last)
+    logits = out.logits[torch.arange(len(last), device=last.device), col][:, label_ids.to(last.device)].float()
+    hidden = {l: out.hidden_states[l] for l in layers} if layers else {}
+    return LMOutput(logits, hidden)
+
+
+def task_loss(label_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy restricted to the label tokens."""
+    return F.cross_entropy(label_logits, labels)
+
+
+def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over real (non-pad) tokens and hidden units."""
+    m = mask.unsqueeze(-1).to(student.dtype)
+    return ((student - teacher.to(student.dtype)).square() * m).sum() / (m.sum() * student.shape[-1])
+
+
+def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2 * KL(teacher || student)`` on tempered label-word distributions, mean over the batch."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student_logits / t, -1), F.log_softmax(teacher_logits / t, -1),
+                    log_target=True, reduction="batchmean") * t * t
+
+
+class TaskLoss:
+    """``loss_fn`` for plain PET training: task loss only, no hidden states."""
+
+    def __init__(self, verbalizer: Verbalizer) -> None:
+        self.label_ids = torch.tensor(verbalizer.token_ids)
+
+    def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = task_loss(lm_forward(model, batch, self.label_ids).label_logits, batch["labels"])
+        return loss, {"task": float(loss.detach())}
+
+
+@dataclass
+class TeacherOutput:
+    label_logits: torch.Tensor
+    hidden: dict[int, torch.Tensor]
+
+
+class TeacherCache:
+    """Teacher outputs on the training set, read by example index (``batch["index"]``)."""
+
+    def __init__(self, offsets: torch.Tensor, input_ids: torch.Tensor, hidden: dict[int, torch.Tensor],
+                 label_logits: torch.Tensor, meta: dict) -> None:
+        self.offsets, self.input_ids, self.hidden, self.label_logits, self.meta = (
+            offsets, input_ids, hidden, label_logits, meta)
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.hidden)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def save(self, path: str | os.PathLike) -> Path:
+        from cpet.io import write_bytes
+        from safetensors.torch import save
+
+        tensors = {"offsets": self.offsets, "input_ids": self.input_ids, "label_logits": self.label_logits,
+                   **{f"hidden.{l}": h for l, h in self.hidden.items()}}
+        meta = {"format": CACHE_FORMAT, **{k: json.dumps(v) for k, v in self.meta.items()}}
+        return write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TeacherCache:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+            if raw.get("format") != CACHE_FORMAT:
+                raise DataError(f"{path}: not a teacher cache ({raw.get('format')!r})")
+            t = {k: f.get_tensor(k) for k in f.keys()}
+        meta = {k: json.loads(v) for k, v in raw.items() if k != "format"}
+        hidden = {l: t[f"hidden.{l}"] for l in meta["layers"]}
+        return cls(t["offsets"], t["input_ids"], hidden, t["label_logits"], meta)
+
+    def lookup(self, batch: dict, layers: Sequence[int]) -> TeacherOutput:
+        """Teacher outputs for the batch's examples, right-padded like the batch (float32)."""
+        index = batch["index"].cpu()
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        width = ids.shape[1]
+        missing = [l for l in layers if l not in self.hidden]
+        if missing:
+            raise ConfigError(f"distill.layers: {missing} not in the teacher cache (has {self.layers})")
+        hidden = {l: torch.zeros(len(index), width, self.hidden[l].shape[1]) for l in layers}
+        lengths = mask.sum(1).cpu()
+        for row, i in enumerate(index.tolist()):
+            a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+            if b - a != int(lengths[row]) or not torch.equal(self.input_ids[a:b].long(), ids[row, : b - a].cpu()):
+                raise DataError(f"teacher cache row {i} does not hold this example's tokens "
+                                "(other data, template or max_length than the cache was built with)")
+            for l in layers:
+                hidden[l][row, : b - a] = self.hidden[l][a:b]
+        dev = ids.device
+        return TeacherOutput(self.label_logits[index].to(dev), {l: h.to(dev) for l, h in hidden.items()})
+
+
+@torch.no_grad()
+def teacher_outputs(teacher: nn.Module, batch: dict, label_ids: torch.Tensor, layers: Sequence[int]) -> TeacherOutput:
+    was = teacher.training
+    teacher.eval()
+    out = lm_forward(teacher, batch, label_ids, layers)
+    teacher.train(was)
+    return TeacherOutput(out.label_logits, {l: h.float() for l, h in out.hidden.items()})
+
+
+@torch.no_grad()
+def build_teacher_cache(teacher: nn.Module, tokenizer, texts: Sequence[str], template: str, verbalizer: Verbalizer,
+                        layers: Sequence[int] = (-1,), max_length: int = 128, batch_size: int = 16) -> TeacherCache:
+    """Run the frozen teacher once over ``texts`` (row i = texts[i]); batches are length-sorted."""
+    seqs = tokenize_prompts(tokenizer, texts, template, max_length)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    label_ids = torch.tensor(verbalizer.token_ids)
+    device = next(teacher.parameters()).device
+    lengths = torch.tensor([len(s) for s in seqs])
+    offsets = torch.zeros(len(seqs) + 1, dtype=torch.long)
+    offsets[1:] = lengths.cumsum(0)
+    hidden: dict[int, torch.Tensor] = {}
+    logits = torch.zeros(len(seqs), len(label_ids))
+    by_length = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    for start in range(0, len(seqs), batch_size):
+        rows = by_length[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in pad_batch([seqs[i] for i in rows], pad).items()}
+        out = teacher_outputs(teacher, batch, label_ids, layers)
+        logits[rows] = out.label_logits.cpu()
+        for l, h in out.hidden.items():
+            if l not in hidden:
+                hidden[l] = torch.zeros(int(offsets[-1]), h.shape[-1], dtype=torch.float16)
+            for j, i in enumerate(rows):
+                hidden[l][offsets[i] : offsets[i + 1]] = h[j, : len(seqs[i])].cpu().half()
+    ids = torch.tensor([t for s in seqs for t in s], dtype=torch.int32)
+    meta = {"layers": list(layers), "label_token_ids": list(verbalizer.token_ids), "template": template,
+            "max_length": max_length}
+    return TeacherCache(offsets, ids, hidden, logits, meta)
+
+
+class DistillLoss:
+    """``loss_fn`` for CPET: task loss + alpha * hidden MSE + beta * KL, teacher from cache or live."""
+
+    def __init__(self, verbalizer: Verbalizer, config: DistillConfig, *, cache: TeacherCache | None = None,
+                 teacher: nn.Module | None = None) -> None:
+        if (cache is None) == (teacher is None):
+            raise ConfigError("distill: give exactly one of a teacher cache or a live teacher")
+        if cache is not None and list(cache.meta.get("label_token_ids", [])) != list(verbalizer.token_ids):
+            raise ConfigError("distill: the teacher cache was built with other label tokens")
+        self.label_ids = torch.tensor(verbalizer.token_ids)
+        self.config, self.cache, self.teacher = config, cache, teacher
+        self.layers = list(config.layers) if config.alpha > 0 else []
+
+    def teacher_for(self, batch: dict) -> TeacherOutput:
+        if self.cache is not None:
+            return self.cache.lookup(batch, self.layers)
+        return teacher_outputs(self.teacher, batch, self.label_ids, self.layers)
+
+    def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg = self.config
+        student = lm_forward(model, batch, self.label_ids, self.layers)
+        teacher = self.teacher_for(batch)
+        task = task_loss(student.label_logits, batch["labels"])
+        loss, logs = task, {"task": float(task.detach())}
+        if self.layers:
+            mse = sum(hidden_mse(student.hidden[l], teacher.hidden[l], batch["attention_mask"]) for l in self.layers)
+            mse = mse / len(self.layers)
+            loss = loss + cfg.alpha * mse
+            logs["mse"] = float(mse.detach())
+        if cfg.beta > 0:
+            kl = kl_loss(student.label_logits, teacher.label_logits, cfg.temperature)
+            loss = loss + cfg.beta * kl
+            logs["kl"] = float(kl.detach())
+        return loss, logs
