@@ -7,7 +7,7 @@ import pytest
 import yaml
 from prefect.testing.utilities import prefect_test_harness
 
-from conftest import make_rows
+from tinyproject import make_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ import pytest
 from cpet.config import parse_params
 from cpet.errors import DataError
 from cpet.stages.validate import require_valid, validate
-from conftest import make_rows
+from tinyproject import make_rows
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -160,12 +160,84 @@ class CompressConfig(Section):
         return parse_config(name, self.methods[name])
 
 
+# --------------------------------------------------------------------------- CPET core
+def _lazy(module: str, name: str):
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
+
+class TeacherCacheConfig(Section):
+    layers: list[int] = Field(description="hidden layers cached for distillation (indices into hidden_states)")
+    batch_size: int = Field(gt=0)
+
+
+class TeacherConfig(Section):
+    lora: dict[str, Any] = Field(description="cpet.pet.LoraSettings")
+    train: dict[str, Any] = Field(description="cpet.train.TrainConfig")
+    cache: TeacherCacheConfig
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="task -> existing peft adapter dir used instead of training"
+    )
+
+    def lora_settings(self):
+        return _lazy("cpet.pet", "LoraSettings").model_validate(self.lora)
+
+    def train_config(self):
+        return _lazy("cpet.train", "TrainConfig").model_validate(self.train)
+
+
+VARIANTS = ("original+pet", "compressed+inherit-only", "compressed+pet", "compressed+inherit",
+            "compressed+recover", "compressed+cpet")
+TRAINED_VARIANTS = VARIANTS[2:]
+
+
+class RecoverConfig(Section):
+    variants: list[str] = Field(description=f"trained variants, from {list(TRAINED_VARIANTS)}")
+    methods: list[str] | None = Field(None, description="compress.methods entering the comparison; null = all")
+    train: dict[str, Any] = Field(description="cpet.train.TrainConfig, the same recipe for every variant")
+    recovery: dict[str, Any] = Field(description="cpet.pet.RecoverySettings")
+    distill: dict[str, Any] = Field(description="cpet.distill.DistillConfig")
+
+    @field_validator("variants")
+    @classmethod
+    def _variants(cls, v: list[str]) -> list[str]:
+        bad = [x for x in v if x not in TRAINED_VARIANTS]
+        if bad:
+            raise ValueError(f"unknown variant {bad[0]!r}; choose from {list(TRAINED_VARIANTS)}")
+        if len(set(v)) != len(v):
+            raise ValueError("variants must be distinct")
+        return v
+
+    def train_config(self):
+        return _lazy("cpet.train", "TrainConfig").model_validate(self.train)
+
+    def recovery_settings(self):
+        return _lazy("cpet.pet", "RecoverySettings").model_validate(self.recovery)
+
+    def distill_config(self):
+        return _lazy("cpet.distill", "DistillConfig").model_validate(self.distill)
+
+
+class EvaluateConfig(Section):
+    split: Literal["validation", "test"]
+    batch_size: int = Field(gt=0)
+    max_length: int = Field(gt=0)
+
+
 # --------------------------------------------------------------------------- all
 class Params(Section):
     tasks: dict[str, TaskConfig]
     fetch: FetchConfig
     validate_: ValidateConfig = Field(alias="validate")
     compress: CompressConfig
+    teacher: TeacherConfig
+    recover: RecoverConfig
+    evaluate: EvaluateConfig
+
+    def recover_methods(self) -> list[str]:
+        """Compression methods in the CPET comparison (``recover.methods`` or all)."""
+        return list(self.recover.methods) if self.recover.methods is not None else list(self.compress.methods)
 
     @field_validator("tasks")
     @classmethod
@@ -186,14 +258,19 @@ class Params(Section):
         return self
 
 
-def _format(err: ValidationError, source: str) -> str:
+def _describe(err: ValidationError) -> str:
+    """``key.path: message`` of the first error (+ how many more)."""
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"]) or "<root>"
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     more = len(err.errors()) - 1
-    return f"{source}: {loc}: {msg}" + (f" (+{more} more)" if more else "")
+    return f"{loc}: {msg}" + (f" (+{more} more)" if more else "")
+
+
+def _format(err: ValidationError, source: str) -> str:
+    return f"{source}: {_describe(err)}"
 
 
 def parse_params(raw: Any, source: str = "params.yaml") -> Params:
@@ -209,7 +286,33 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
             params.compress.method(name)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
+    _check_library_sections(params, source)
     return params
+
+
+def _check_library_sections(params: Params, source: str) -> None:
+    """Validate the sections whose schema lives with the library (LoRA, trainer, recovery, ...)."""
+    checks = {
+        "teacher.lora": params.teacher.lora_settings,
+        "teacher.train": params.teacher.train_config,
+        "recover.train": params.recover.train_config,
+        "recover.recovery": params.recover.recovery_settings,
+        "recover.distill": params.recover.distill_config,
+    }
+    for where, build in checks.items():
+        try:
+            build()
+        except ValidationError as err:
+            raise ConfigError(f"{source}: {where}.{_describe(err)}") from None
+    for task in params.teacher.adapters:
+        if task not in params.tasks:
+            raise ConfigError(f"{source}: teacher.adapters.{task}: not a configured task")
+    for name in params.recover.methods or []:
+        if name not in params.compress.methods:
+            raise ConfigError(f"{source}: recover.methods: {name!r} is not in compress.methods")
+    missing = set(params.recover.distill_config().layers) - set(params.teacher.cache.layers)
+    if missing:
+        raise ConfigError(f"{source}: recover.distill.layers: {sorted(missing)} not in teacher.cache.layers")
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
