@@ -194,7 +194,6 @@ TRAINED_VARIANTS = VARIANTS[2:]
 
 class RecoverConfig(Section):
     variants: list[str] = Field(description=f"trained variants, from {list(TRAINED_VARIANTS)}")
-    methods: list[str] | None = Field(None, description="compress.methods entering the comparison; null = all")
     train: dict[str, Any] = Field(description="cpet.train.TrainConfig, the same recipe for every variant")
     recovery: dict[str, Any] = Field(description="cpet.pet.RecoverySettings")
     distill: dict[str, Any] = Field(description="cpet.distill.DistillConfig")
@@ -236,8 +235,8 @@ class Params(Section):
     evaluate: EvaluateConfig
 
     def recover_methods(self) -> list[str]:
-        """Compression methods in the CPET comparison (``recover.methods`` or all)."""
-        return list(self.recover.methods) if self.recover.methods is not None else list(self.compress.methods)
+        """Compression methods in the CPET comparison: every configured one."""
+        return list(self.compress.methods)
 
     @field_validator("tasks")
     @classmethod
@@ -307,9 +306,6 @@ def _check_library_sections(params: Params, source: str) -> None:
     for task in params.teacher.adapters:
         if task not in params.tasks:
             raise ConfigError(f"{source}: teacher.adapters.{task}: not a configured task")
-    for name in params.recover.methods or []:
-        if name not in params.compress.methods:
-            raise ConfigError(f"{source}: recover.methods: {name!r} is not in compress.methods")
     missing = set(params.recover.distill_config().layers) - set(params.teacher.cache.layers)
     if missing:
         raise ConfigError(f"{source}: recover.distill.layers: {sorted(missing)} not in teacher.cache.layers")

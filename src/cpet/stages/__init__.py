@@ -14,7 +14,11 @@ from dataclasses import dataclass
 
 from cpet.config import Params
 from cpet.stages.compress import compress
+from cpet.stages.evaluate import evaluate
 from cpet.stages.fetch import fetch
+from cpet.stages.inherit import inherit
+from cpet.stages.recover import recover
+from cpet.stages.teacher import teacher
 from cpet.stages.validate import validate
 
 
@@ -35,6 +39,10 @@ STAGES: dict[str, Stage] = {
         Stage("fetch", fetch),
         Stage("validate", validate),
         Stage("compress", compress, "method", lambda p: list(p.compress.methods)),
+        Stage("teacher", teacher, "task", lambda p: list(p.tasks)),
+        Stage("inherit", inherit, "method", lambda p: p.recover_methods()),
+        Stage("recover", recover, "method", lambda p: p.recover_methods()),
+        Stage("evaluate", evaluate),
     )
 }
 ORDER = tuple(STAGES)

@@ -80,3 +80,52 @@ def calibration_batches(views: list[TaskView], tokenizer, *, samples: int, max_l
             ids[row, :n], mask[row, :n] = e["input_ids"][0], e["attention_mask"][0]
         out.append({"input_ids": ids, "attention_mask": mask})
     return out
+
+
+def checkpoint_dir(params: Params, root: Path, stage: str, *parts: str, recipe: dict | None = None) -> Path:
+    """Resumable-checkpoint folder outside the DVC outputs (DVC deletes outputs before a run),
+    keyed by the recipe so a changed recipe starts fresh instead of resuming a stale run."""
+    import hashlib
+    import json
+
+    key = hashlib.sha256(json.dumps(recipe or {}, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return Path(root) / params.fetch.cache_dir / "checkpoints" / stage / Path(*parts) / key
+
+
+def train_examples(view: TaskView, split: str = "train"):
+    """``cpet.train.Example`` rows; ``index`` is the row in the split (= the teacher-cache row)."""
+    from cpet.train import Example
+
+    index = {label: i for i, label in enumerate(view.verbalizer.labels)}
+    return [Example(r["text"], index[r["label"]], i) for i, r in enumerate(view.rows(split))]
+
+
+def evaluator(view: TaskView, tokenizer, split: str, max_length: int, batch_size: int = 32):
+    from cpet.train import Evaluator
+
+    rows = view.rows(split)
+    index = {label: i for i, label in enumerate(view.verbalizer.labels)}
+    return Evaluator(tokenizer, [r["text"] for r in rows], [index[r["label"]] for r in rows],
+                     view.template, view.verbalizer, max_length=max_length, batch_size=batch_size)
+
+
+def train_adapter(model, tokenizer, view: TaskView, config, ckpt: Path, loss_fn=None) -> dict:
+    """Train ``model``'s trainable parameters on the task (best step chosen on validation)."""
+    from cpet.distill import TaskLoss
+    from cpet.train import TokenizedExamples, train
+
+    data = TokenizedExamples.build(tokenizer, train_examples(view), view.template, config.max_length)
+    result = train(model, data, loss_fn or TaskLoss(view.verbalizer), config,
+                   evaluate=evaluator(view, tokenizer, "validation", config.max_length),
+                   checkpoint_dir=ckpt)
+    return {"steps": result.steps, "best_step": result.best_step,
+            "best_validation_accuracy": result.best_metric, "final_loss": result.final_loss,
+            "examples_per_s": round(result.examples_per_s, 2), "resumed_from": result.resumed_from}
+
+
+def load_compressed_base(root: Path, method: str):
+    """The compressed model ``models/compressed/<method>`` in training form, and its kept map."""
+    from cpet.compress import load_compressed, read_manifest
+
+    folder = Path(root) / "models" / "compressed" / method
+    return load_compressed(folder, form="train").eval(), read_manifest(folder).get("kept")

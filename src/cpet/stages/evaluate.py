@@ -1,0 +1,129 @@
+"""Stage ``evaluate``: every variant on every task and compression method, on one split.
+
+Writes ``reports/results.json`` (rows ``{"task", "compression", "variant", "split", "accuracy",
+"macro_f1"}``), ``reports/results.md`` (a table per task with the recovery ratio
+``(cpet - pet) / (original - pet)`` per compression method) and ``reports/results.png``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cpet import io
+from cpet.config import Params
+from cpet.lmcls import accuracy_f1
+from cpet.stages.common import evaluator, load_base, load_compressed_base, task_views
+from cpet.stages.inherit import OUT_DIR as INHERIT_DIR
+from cpet.stages.recover import OUT_DIR as RECOVER_DIR
+from cpet.stages.teacher import OUT_DIR as TEACHER_DIR
+
+RESULTS = Path("reports") / "results"
+
+
+def _score(model, view, tokenizer, params: Params) -> dict:
+    cfg = params.evaluate
+    ev = evaluator(view, tokenizer, cfg.split, cfg.max_length, cfg.batch_size)
+    pred = ev.scores(model).argmax(1).tolist()
+    return accuracy_f1(ev.labels, pred, len(view.verbalizer.labels))
+
+
+def evaluate(params: Params, root: str | Path = ".") -> dict:
+    from cpet.pet import load_adapter, load_bundle
+
+    root = Path(root)
+    base, tokenizer = load_base(root)
+    views = task_views(params, root, tokenizer)
+    split = params.evaluate.split
+    rows = []
+
+    def add(task, compression, variant, metrics):
+        rows.append({"task": task, "compression": compression, "variant": variant, "split": split,
+                     "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]})
+        print(f"evaluate {task} {compression} {variant}: {metrics['accuracy']:.3f}", flush=True)
+
+    for view in views:
+        model = load_adapter(load_base(root)[0], root / TEACHER_DIR / view.name / "adapter")
+        add(view.name, "none", "original+pet", _score(model, view, tokenizer, params))
+        for method in params.recover_methods():
+            model = load_adapter(load_compressed_base(root, method)[0], root / INHERIT_DIR / method / view.name)
+            add(view.name, method, "compressed+inherit-only", _score(model, view, tokenizer, params))
+            for variant in params.recover.variants:
+                bundle = root / RECOVER_DIR / method / view.name / variant
+                model = load_bundle(load_compressed_base(root, method)[0], bundle)
+                add(view.name, method, variant, _score(model, view, tokenizer, params))
+    io.write_json(root / "reports" / "results.json", rows)
+    io.write_text(root / "reports" / "results.md", markdown(rows))
+    plot(rows, root / "reports" / "results.png")
+    metrics = {"rows": len(rows), "recovery_ratio": recovery_ratios(rows)}
+    io.write_json(root / "reports" / "evaluate.json", metrics)
+    return metrics
+
+
+def recovery_ratios(rows: list[dict]) -> dict:
+    """``(cpet - pet) / (original - pet)`` accuracy per task and compression (None if undefined)."""
+    acc = {(r["task"], r["compression"], r["variant"]): r["accuracy"] for r in rows}
+    out: dict = {}
+    for task, comp, variant in acc:
+        if variant != "compressed+cpet":
+            continue
+        pet, orig = acc.get((task, comp, "compressed+pet")), acc.get((task, "none", "original+pet"))
+        ratio = None
+        if pet is not None and orig is not None and abs(orig - pet) > 1e-9:
+            ratio = (acc[(task, comp, variant)] - pet) / (orig - pet)
+        out.setdefault(task, {})[comp] = ratio
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    ratios = recovery_ratios(rows)
+    out = ["# CPET comparison", ""]
+    for task in dict.fromkeys(r["task"] for r in rows):
+        mine = [r for r in rows if r["task"] == task]
+        comps = [c for c in dict.fromkeys(r["compression"] for r in mine) if c != "none"]
+        variants = list(dict.fromkeys(r["variant"] for r in mine if r["compression"] != "none"))
+        orig = next(r for r in mine if r["variant"] == "original+pet")
+        out += [f"## {task} ({orig['split']} split; accuracy / macro-F1)", "",
+                "| variant | " + " | ".join(comps) + " |", "|---|" + "---|" * len(comps),
+                f"| original+pet | " + " | ".join(f"{orig['accuracy']:.3f} / {orig['macro_f1']:.3f}" for _ in comps) + " |"]
+        for v in variants:
+            cells = []
+            for c in comps:
+                r = next((x for x in mine if x["compression"] == c and x["variant"] == v), None)
+                cells.append(f"{r['accuracy']:.3f} / {r['macro_f1']:.3f}" if r else "")
+            out.append(f"| {v} | " + " | ".join(cells) + " |")
+        cells = [ratios.get(task, {}).get(c) for c in comps]
+        out.append("| recovery ratio (cpet-pet)/(orig-pet) | "
+                   + " | ".join("n/a" if x is None else f"{x:.2f}" for x in cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        mine = [r for r in rows if r["task"] == task]
+        orig = next(r["accuracy"] for r in mine if r["variant"] == "original+pet")
+        comps = [c for c in dict.fromkeys(r["compression"] for r in mine) if c != "none"]
+        variants = list(dict.fromkeys(r["variant"] for r in mine if r["compression"] != "none"))
+        width = 0.8 / max(len(variants), 1)
+        for i, v in enumerate(variants):
+            ys = [next((r["accuracy"] for r in mine if r["compression"] == c and r["variant"] == v), 0) for c in comps]
+            ax.bar([j + i * width for j in range(len(comps))], ys, width, label=v)
+        ax.axhline(orig, color="black", linestyle="--", label="original+pet")
+        ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(comps))], comps)
+        ax.set_title(task)
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(0, 1)
+    axes[0][-1].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)

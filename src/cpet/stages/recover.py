@@ -1,0 +1,80 @@
+"""Stage ``recover``: the trained variants of the comparison, all through one trainer.
+
+Per compression method ``<m>``, task ``<t>`` and variant ``<v>`` in ``recover.variants``:
+``models/recover/<m>/<t>/<v>/`` is a bundle (LoRA adapter + recovery modules, one
+``load_bundle`` call). Variants (METHOD.md):
+
+* ``compressed+pet``      fresh LoRA, task loss
+* ``compressed+inherit``  the inherited LoRA trained further, task loss
+* ``compressed+recover``  fresh LoRA + recovery modules, task loss
+* ``compressed+cpet``     inherited LoRA + recovery modules, task loss + distillation from the
+  uncompressed teacher (cached outputs from the ``teacher`` stage)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cpet import io
+from cpet.config import Params
+from cpet.stages.common import (checkpoint_dir, load_compressed_base, task_views, train_adapter)
+from cpet.stages.teacher import OUT_DIR as TEACHER_DIR
+
+OUT_DIR = Path("models") / "recover"
+REPORT_DIR = Path("reports") / "recover"
+
+#: variant -> (inherit the teacher's LoRA, add recovery modules, distil from the teacher)
+RECIPES = {
+    "compressed+pet": (False, False, False),
+    "compressed+inherit": (True, False, False),
+    "compressed+recover": (False, True, False),
+    "compressed+cpet": (True, True, True),
+}
+
+
+def build_variant(params: Params, root: Path, method: str, task: str, variant: str):
+    """The compressed model with the variant's trainable modules attached (untrained)."""
+    from cpet.pet import attach_lora, attach_recovery, inherit_adapter
+
+    inherit_lora, recovery, _ = RECIPES[variant]
+    model, kept = load_compressed_base(root, method)
+    if recovery:
+        model = attach_recovery(model, params.recover.recovery_settings())
+    if inherit_lora:
+        return inherit_adapter(root / TEACHER_DIR / task / "adapter", model, kept)
+    return attach_lora(model, params.teacher.lora_settings())
+
+
+def recover(params: Params, root: str | Path = ".", method: str | None = None) -> dict:
+    from transformers import AutoTokenizer
+
+    from cpet.distill import DistillLoss, TeacherCache
+    from cpet.pet import save_bundle
+
+    root = Path(root)
+    tokenizer = AutoTokenizer.from_pretrained(root / "models/base")
+    views = task_views(params, root, tokenizer)
+    config = params.recover.train_config()
+    out: dict = {}
+    for name in params.recover_methods():
+        if method not in (None, name):
+            continue
+        metrics: dict = {}
+        with io.atomic_dir(root / OUT_DIR / name) as tmp:
+            for view in views:
+                for variant in params.recover.variants:
+                    model = build_variant(params, root, name, view.name, variant)
+                    loss_fn = None
+                    if RECIPES[variant][2]:
+                        cache = TeacherCache.load(root / TEACHER_DIR / view.name / "cache.safetensors")
+                        loss_fn = DistillLoss(view.verbalizer, params.recover.distill_config(), cache=cache)
+                    recipe = {"recover": params.recover.model_dump(), "lora": params.teacher.lora,
+                              "data": io.sha256_file(root / "data/processed" / view.name / "train.jsonl")}
+                    ckpt = checkpoint_dir(params, root, "recover", name, view.name, variant, recipe=recipe)
+                    print(f"recover[{name}] {view.name} {variant}", flush=True)
+                    result = train_adapter(model, tokenizer, view, config, ckpt, loss_fn)
+                    save_bundle(model, tmp / view.name / variant)
+                    metrics.setdefault(view.name, {})[variant] = result
+        io.write_json(root / REPORT_DIR / f"{name}.json", metrics)
+        out[name] = metrics
+    return out

@@ -1,0 +1,64 @@
+"""Stage ``teacher``: per task, the adapter on the original model and its cached outputs.
+
+Outputs per task ``<task>``: ``models/teacher/<task>/adapter/`` (a standard peft adapter: trained
+here, or copied from ``teacher.adapters.<task>``), ``models/teacher/<task>/cache.safetensors``
+(the teacher's label logits and hidden states on the training split, reused by every CPET run)
+and ``reports/teacher/<task>.json``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from cpet import io
+from cpet.config import Params
+from cpet.stages.common import checkpoint_dir, load_base, task_views, train_adapter
+
+OUT_DIR = Path("models") / "teacher"
+REPORT_DIR = Path("reports") / "teacher"
+
+
+def teacher_one(params: Params, root: Path, view) -> dict:
+    from cpet.distill import build_teacher_cache
+    from cpet.pet import attach_lora, load_adapter, save_adapter
+
+    cfg = params.teacher
+    model, tokenizer = load_base(root)
+    given = cfg.adapters.get(view.name)
+    metrics: dict = {"task": view.name}
+    with io.atomic_dir(Path(root) / OUT_DIR / view.name) as tmp:
+        if given:
+            peft_model = load_adapter(model, given)
+            shutil.copytree(given, tmp / "adapter")
+            metrics["adapter"] = f"given: {given}"
+        else:
+            peft_model = attach_lora(model, cfg.lora_settings())
+            metrics["train"] = train_adapter(
+                peft_model, tokenizer, view, cfg.train_config(),
+                checkpoint_dir(params, root, "teacher", view.name, recipe={
+                    **params.teacher.model_dump(),
+                    "data": io.sha256_file(Path(root) / "data/processed" / view.name / "train.jsonl")}),
+            )
+            save_adapter(peft_model, tmp / "adapter")
+            metrics["adapter"] = "trained"
+        t0 = time.perf_counter()
+        rows = view.rows("train")
+        cache = build_teacher_cache(
+            peft_model.eval(), tokenizer, [r["text"] for r in rows], view.template, view.verbalizer,
+            layers=cfg.cache.layers, max_length=cfg.train_config().max_length,
+            batch_size=cfg.cache.batch_size,
+        )
+        cache.save(tmp / "cache.safetensors")
+        metrics["cache_seconds"] = round(time.perf_counter() - t0, 1)
+    io.write_json(Path(root) / REPORT_DIR / f"{view.name}.json", metrics)
+    return metrics
+
+
+def teacher(params: Params, root: str | Path = ".", task: str | None = None) -> dict:
+    root = Path(root)
+    from transformers import AutoTokenizer
+
+    views = task_views(params, root, AutoTokenizer.from_pretrained(root / "models/base"))
+    return {v.name: teacher_one(params, root, v) for v in views if task in (None, v.name)}

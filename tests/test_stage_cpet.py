@@ -1,0 +1,59 @@
+"""teacher -> inherit -> recover -> evaluate end to end on the tiny project."""
+
+import json
+
+import pytest
+import torch
+
+from cpet.config import VARIANTS
+from cpet.stages import STAGES
+
+
+@pytest.fixture
+def pipeline_root(tiny_project):
+    root, params = tiny_project
+    for name in ("compress", "teacher", "inherit", "recover"):
+        STAGES[name](params, root)
+    return root, params
+
+
+def test_cpet_pipeline_writes_every_variant(pipeline_root):
+    root, params = pipeline_root
+    metrics = STAGES["evaluate"](params, root)
+    rows = json.loads((root / "reports/results.json").read_text())
+    assert metrics["rows"] == len(rows) == 1 + 2 * 5  # original + 2 methods x (inherit-only + 4 trained)
+    assert {r["variant"] for r in rows} == set(VARIANTS)
+    for r in rows:
+        assert set(r) == {"task", "compression", "variant", "split", "accuracy", "macro_f1"}
+        assert r["split"] == "test" and 0 <= r["accuracy"] <= 1
+    md = (root / "reports/results.md").read_text()
+    assert "recovery ratio" in md and "| compressed+cpet |" in md
+    assert (root / "reports/results.png").stat().st_size > 1000
+    teacher = json.loads((root / "reports/teacher/tiny.json").read_text())
+    assert teacher["train"]["steps"] == 6 and teacher["train"]["best_step"] in (3, 6)
+
+    # int8 barely changes weights, so the inherited adapter predicts like the teacher
+    from cpet.pet import load_adapter, load_bundle, recovery_layers
+    from cpet.stages.common import load_base, load_compressed_base
+
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    teacher = load_adapter(load_base(root)[0], root / "models/teacher/tiny/adapter")
+    student = load_adapter(load_compressed_base(root, "int8")[0], root / "models/inherit/int8/tiny")
+    torch.testing.assert_close(student(input_ids=ids).logits, teacher(input_ids=ids).logits, atol=5e-2, rtol=0)
+
+    # the CPET bundle reloads in one call, recovery modules included and trained
+    bundle = root / "models/recover/struct/tiny/compressed+cpet"
+    model = load_bundle(load_compressed_base(root, "struct")[0], bundle)
+    assert recovery_layers(model)
+    assert any(float(p.abs().sum()) > 0 for n, p in model.named_parameters() if "rec_B" in n)
+
+
+def test_recover_resumes_from_checkpoint(tiny_project):
+    """A second recover run finds the finished checkpoints and does not train again."""
+    root, params = tiny_project
+    for name in ("compress", "teacher", "inherit"):
+        STAGES[name](params, root, method="int8") if name != "teacher" else STAGES[name](params, root)
+    first = STAGES["recover"](params, root, method="int8")["int8"]["tiny"]["compressed+cpet"]
+    again = STAGES["recover"](params, root, method="int8")["int8"]["tiny"]["compressed+cpet"]
+    assert first["resumed_from"] == 0 and again["resumed_from"] == 6
+    assert again["best_validation_accuracy"] == first["best_validation_accuracy"]
