@@ -7,7 +7,8 @@ import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM
 
-from cpet.compress import compress, load_compressed, parse_config, save_compressed, slice_lora_state
+from cpet.compress import compress, load_compressed, parse_config, save_compressed
+from cpet.pet import slice_lora_state
 from cpet.errors import CpetError
 
 HD = 16  # head_dim of the tiny model: 64 hidden / 4 heads

@@ -20,7 +20,7 @@ from cpet.compress.moe import MoEFFN, moe_stats
 from cpet.compress.registry import METHODS, Method, parse_config, register
 from cpet.compress.runtime import QuantEmbedding, QuantLinear
 from cpet.compress.serialization import load_compressed, load_compressed_model, read_manifest, save_compressed
-from cpet.compress.structured import slice_lora_state, slice_state
+from cpet.compress.structured import slice_state
 from cpet.compress.summary import summarize
 
 __all__ = [
@@ -41,7 +41,6 @@ __all__ = [
     "read_manifest",
     "register",
     "save_compressed",
-    "slice_lora_state",
     "slice_state",
     "summarize",
 ]

@@ -127,24 +127,6 @@ def slice_state(state: dict[str, torch.Tensor], kept: dict[str, dict[str, list[i
     return out
 
 
-def slice_lora_state(state: dict[str, torch.Tensor], kept: dict[str, dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-    """Slice a peft LoRA state dict trained on the original model to the pruned shapes.
-
-    For a module whose outputs were cut (``out``) the ``lora_B`` rows go; where inputs were cut
-    (``in``) the ``lora_A`` columns go. Keys are matched by the module path inside them.
-    """
-    out = {}
-    for key, t in state.items():
-        head, sep, tail = key.partition(".lora_")
-        spec = next((kept[m] for m in kept if sep and (head == m or head.endswith("." + m))), None)
-        if spec is not None and tail.startswith("B") and "out" in spec:
-            t = t.index_select(0, torch.tensor(spec["out"], device=t.device))
-        elif spec is not None and tail.startswith("A") and "in" in spec:
-            t = t.index_select(1, torch.tensor(spec["in"], device=t.device))
-        out[key] = t
-    return out
-
-
 def rebuild(model: nn.Module, kept: dict, changes: dict) -> nn.Module:
     """A fresh model of the same class from the changed config, holding the sliced weights."""
     config = copy.deepcopy(model.config)
