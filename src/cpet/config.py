@@ -25,7 +25,17 @@ class Section(BaseModel):
 
 
 # --------------------------------------------------------------------------- tasks
-TASK_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
+TASK_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")  # task and method names become folder names
+
+
+def _folder_names(kind: str, names: dict) -> dict:
+    """At least one entry, each name usable as a folder name."""
+    if not names:
+        raise ValueError(f"at least one {kind} is required")
+    for name in names:
+        if not TASK_NAME.match(name):
+            raise ValueError(f"{kind} name {name!r} must match {TASK_NAME.pattern}")
+    return names
 
 
 class TaskConfig(Section):
@@ -144,12 +154,7 @@ class CompressConfig(Section):
     @field_validator("methods")
     @classmethod
     def _names(cls, methods: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        if not methods:
-            raise ValueError("at least one method is required")
-        for name in methods:
-            if not TASK_NAME.match(name):
-                raise ValueError(f"method name {name!r} must match {TASK_NAME.pattern}")
-        return methods
+        return _folder_names("method", methods)
 
     def method(self, name: str):
         """The validated config of one method (a :class:`cpet.compress.MethodConfig`)."""
@@ -241,12 +246,7 @@ class Params(Section):
     @field_validator("tasks")
     @classmethod
     def _task_names(cls, tasks: dict[str, TaskConfig]) -> dict[str, TaskConfig]:
-        if not tasks:
-            raise ValueError("at least one task is required")
-        for name in tasks:
-            if not TASK_NAME.match(name):
-                raise ValueError(f"task name {name!r} must match {TASK_NAME.pattern}")
-        return tasks
+        return _folder_names("task", tasks)
 
     @model_validator(mode="after")
     def _cross(self) -> Params:

@@ -20,19 +20,20 @@ from cpet.stages.teacher import OUT_DIR as TEACHER_DIR
 RESULTS = Path("reports") / "results"
 
 
-def _score(model, view, tokenizer, params: Params) -> dict:
-    cfg = params.evaluate
-    ev = evaluator(view, tokenizer, cfg.split, cfg.max_length, cfg.batch_size)
+def _score(model, ev, n_labels: int) -> dict:
     pred = ev.scores(model).argmax(1).tolist()
-    return accuracy_f1(ev.labels, pred, len(view.verbalizer.labels))
+    return accuracy_f1(ev.labels, pred, n_labels)
 
 
 def evaluate(params: Params, root: str | Path = ".") -> dict:
     from cpet.pet import load_adapter, load_bundle
 
+    from transformers import AutoTokenizer
+
     root = Path(root)
-    base, tokenizer = load_base(root)
+    tokenizer = AutoTokenizer.from_pretrained(root / "models/base")
     views = task_views(params, root, tokenizer)
+    cfg = params.evaluate
     split = params.evaluate.split
     rows = []
 
@@ -42,15 +43,17 @@ def evaluate(params: Params, root: str | Path = ".") -> dict:
         print(f"evaluate {task} {compression} {variant}: {metrics['accuracy']:.3f}", flush=True)
 
     for view in views:
+        ev = evaluator(view, tokenizer, split, cfg.max_length, cfg.batch_size)  # tokenized once
+        n = len(view.verbalizer.labels)
         model = load_adapter(load_base(root)[0], root / TEACHER_DIR / view.name / "adapter")
-        add(view.name, "none", "original+pet", _score(model, view, tokenizer, params))
+        add(view.name, "none", "original+pet", _score(model, ev, n))
         for method in params.recover_methods():
             model = load_adapter(load_compressed_base(root, method)[0], root / INHERIT_DIR / method / view.name)
-            add(view.name, method, "compressed+inherit-only", _score(model, view, tokenizer, params))
+            add(view.name, method, "compressed+inherit-only", _score(model, ev, n))
             for variant in params.recover.variants:
                 bundle = root / RECOVER_DIR / method / view.name / variant
                 model = load_bundle(load_compressed_base(root, method)[0], bundle)
-                add(view.name, method, variant, _score(model, view, tokenizer, params))
+                add(view.name, method, variant, _score(model, ev, n))
     io.write_json(root / "reports" / "results.json", rows)
     io.write_text(root / "reports" / "results.md", markdown(rows))
     plot(rows, root / "reports" / "results.png")
