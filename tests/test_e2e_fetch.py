@@ -24,7 +24,9 @@ def test_real_fetch_and_validate(tmp_path, raw_params):
     assert fetched["model"]["eos_token"] == "<|im_end|>" and not fetched["model"]["adds_bos"]
     for task, n_labels in (("sentiment", 2), ("topic", 5)):
         counts = fetched["tasks"][task]
-        assert (counts["train"], counts["validation"], counts["test"]) == (1000, 200, 400)
+        caps = params.fetch.split
+        assert (counts["train"], counts["validation"], counts["test"]) == (
+            caps.max_train, caps.max_validation, caps.max_test)
         assert counts["labels"] == n_labels
     assert (tmp_path / "models/base/model.safetensors").is_file()
     assert not list((tmp_path / "models/base").glob("*.bin"))
