@@ -8,17 +8,24 @@ from collections.abc import Sequence
 
 import torch
 
-from cpet.lmcls import Verbalizer, accuracy_f1, predict
+from cpet.lmcls import Verbalizer, accuracy_f1
+
+
+def rows_evaluator(tokenizer, rows: Sequence[dict], template: str, verbalizer: Verbalizer,
+                   *, max_length: int, batch_size: int):
+    """A :class:`cpet.train.Evaluator` over ``text``/``label`` rows (tokenized once, length-sorted)."""
+    from cpet.train import Evaluator
+
+    index = {label: i for i, label in enumerate(verbalizer.labels)}
+    return Evaluator(tokenizer, [r["text"] for r in rows], [index[r["label"]] for r in rows], template,
+                     verbalizer, max_length=max_length, batch_size=batch_size)
 
 
 def task_metrics(model, tokenizer, rows: Sequence[dict], template: str, verbalizer: Verbalizer,
                  *, max_length: int, batch_size: int) -> dict[str, float]:
     """Accuracy and macro-F1 of label-word classification on ``rows`` (``text``/``label``)."""
-    index = {label: i for i, label in enumerate(verbalizer.labels)}
-    gold = [index[r["label"]] for r in rows]
-    pred, _ = predict(model, tokenizer, [r["text"] for r in rows], template, verbalizer,
-                      max_length=max_length, batch_size=batch_size)
-    return accuracy_f1(gold, pred, len(verbalizer.labels))
+    ev = rows_evaluator(tokenizer, rows, template, verbalizer, max_length=max_length, batch_size=batch_size)
+    return accuracy_f1(ev.labels, ev.scores(model).argmax(1).tolist(), len(verbalizer.labels))
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ from pathlib import Path
 from cpet import data
 from cpet.config import Params
 from cpet.errors import ConfigError
-from cpet.lmcls import Verbalizer, encode_prompts
+from cpet.lmcls import Verbalizer
 from cpet.stages.validate import require_valid
 
 BASE_DIR = Path("models") / "base"
@@ -66,20 +66,11 @@ def calibration_batches(views: list[TaskView], tokenizer, *, samples: int, max_l
         prompts += [(view.template, r["text"]) for r in rng.sample(rows, min(per_task, len(rows)))]
     rng.shuffle(prompts)
     prompts = prompts[:samples]
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i : i + batch_size]
-        enc = [encode_prompts(tokenizer, [t], tpl, max_length) for tpl, t in chunk]
-        width = max(e["input_ids"].shape[1] for e in enc)
-        import torch
+    from cpet.train import pad_batch, tokenize_prompts
 
-        ids = torch.full((len(enc), width), tokenizer.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros((len(enc), width), dtype=torch.long)
-        for row, e in enumerate(enc):
-            n = e["input_ids"].shape[1]
-            ids[row, :n], mask[row, :n] = e["input_ids"][0], e["attention_mask"][0]
-        out.append({"input_ids": ids, "attention_mask": mask})
-    return out
+    seqs = [tokenize_prompts(tokenizer, [text], template, max_length)[0] for template, text in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return [pad_batch(seqs[i : i + batch_size], pad) for i in range(0, len(seqs), batch_size)]
 
 
 def checkpoint_dir(params: Params, root: Path, stage: str, *parts: str, recipe: dict | None = None) -> Path:
@@ -101,12 +92,11 @@ def train_examples(view: TaskView, split: str = "train"):
 
 
 def evaluator(view: TaskView, tokenizer, split: str, max_length: int, batch_size: int = 32):
-    from cpet.train import Evaluator
+    """Validation/test callback over one split of a task."""
+    from cpet.evaluation import rows_evaluator
 
-    rows = view.rows(split)
-    index = {label: i for i, label in enumerate(view.verbalizer.labels)}
-    return Evaluator(tokenizer, [r["text"] for r in rows], [index[r["label"]] for r in rows],
-                     view.template, view.verbalizer, max_length=max_length, batch_size=batch_size)
+    return rows_evaluator(tokenizer, view.rows(split), view.template, view.verbalizer,
+                          max_length=max_length, batch_size=batch_size)
 
 
 def train_adapter(model, tokenizer, view: TaskView, config, ckpt: Path, loss_fn=None) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cpet import io
 from cpet.config import Params
-from cpet.stages.common import (checkpoint_dir, load_compressed_base, task_views, train_adapter)
+from cpet.stages.common import checkpoint_dir, load_compressed_base, task_views, train_adapter
 from cpet.stages.teacher import OUT_DIR as TEACHER_DIR
 
 OUT_DIR = Path("models") / "recover"
@@ -62,14 +62,14 @@ def recover(params: Params, root: str | Path = ".", method: str | None = None) -
         metrics: dict = {}
         with io.atomic_dir(root / OUT_DIR / name) as tmp:
             for view in views:
+                recipe = {"recover": params.recover.model_dump(), "lora": params.teacher.lora,
+                          "data": io.sha256_file(root / "data/processed" / view.name / "train.jsonl")}
                 for variant in params.recover.variants:
                     model = build_variant(params, root, name, view.name, variant)
                     loss_fn = None
                     if RECIPES[variant][2]:
                         cache = TeacherCache.load(root / TEACHER_DIR / view.name / "cache.safetensors")
                         loss_fn = DistillLoss(view.verbalizer, params.recover.distill_config(), cache=cache)
-                    recipe = {"recover": params.recover.model_dump(), "lora": params.teacher.lora,
-                              "data": io.sha256_file(root / "data/processed" / view.name / "train.jsonl")}
                     ckpt = checkpoint_dir(params, root, "recover", name, view.name, variant, recipe=recipe)
                     print(f"recover[{name}] {view.name} {variant}", flush=True)
                     result = train_adapter(model, tokenizer, view, config, ckpt, loss_fn)
