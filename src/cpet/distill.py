@@ -88,9 +88,9 @@ def task_loss(label_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over real (non-pad) tokens and hidden units."""
-    m = mask.unsqueeze(-1).to(student.dtype)
-    return ((student - teacher.to(student.dtype)).square() * m).sum() / (m.sum() * student.shape[-1])
+    """Mean squared error over real (non-pad) tokens and hidden units, in float32 (also under autocast)."""
+    m = mask.unsqueeze(-1).float()
+    return ((student.float() - teacher.float()).square() * m).sum() / (m.sum() * student.shape[-1])
 
 
 def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

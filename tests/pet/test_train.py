@@ -78,6 +78,24 @@ def test_learns_and_base_weights_stay_frozen(data, verbalizer, tok):
     assert all((after[n][z] == 0).all() for n, z in zeros.items())  # the pruning mask is intact
 
 
+def test_bf16_mixed_precision_learns_with_float32_weights(data, verbalizer):
+    model = _student(dropout=0.0)
+    dtypes, losses = set(), []
+    loss_fn = TaskLoss(verbalizer)
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: dtypes.add(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else o.dtype))
+
+    def recording(m, b):
+        loss, logs = loss_fn(m, b)
+        losses.append(float(loss.detach()))
+        return loss, logs
+    train(model, data, recording, _cfg(steps=30, eval_every=0, checkpoint_every=0, lr=1e-2, mixed_precision="bf16"),
+          progress=False)
+    hook.remove()
+    assert dtypes == {torch.bfloat16}  # every training forward ran under bf16 autocast
+    assert sum(losses[-5:]) < sum(losses[:5])
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
 def test_interrupted_run_resumes_to_identical_weights(tmp_path, data, verbalizer, tok):
     loss_fn, evaluate = TaskLoss(verbalizer), _accuracy(tok, verbalizer)
     full = _student()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -21,6 +23,9 @@ class TrainConfig(BaseModel):
     seed: int = Field(0, description="data order, dropout and init seed")
     max_length: int = Field(128, ge=2, description="prompt tokens (TokenizedExamples, teacher cache); texts cut to fit")
     restore_best: bool = Field(True, description="end with the trainable weights of the best validation step")
+    mixed_precision: Literal["no", "bf16"] = Field(
+        "no", description="bf16 = forward/backward under torch.autocast(bfloat16); weights, optimizer and "
+        "validation stay float32")
 
     @model_validator(mode="after")
     def _warmup_within_steps(self):

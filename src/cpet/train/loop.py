@@ -111,7 +111,8 @@ def train(model: nn.Module, data: TokenizedExamples, loss_fn: LossFn, config: Tr
         rows = order.step_rows(state.step, config.batch_size, rank, world)
         batch = {k: v.to(acc.device) for k, v in data.batch(rows).items()}
         wrapped.train()
-        loss, logs = loss_fn(wrapped, batch)
+        with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16"):
+            loss, logs = loss_fn(wrapped, batch)
         acc.backward(loss)
         if config.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(clip, config.max_grad_norm)  # DDP grads are already averaged
