@@ -20,3 +20,24 @@ def apply_quiet_defaults() -> None:
     """Set each variable in :data:`QUIET` unless already set (a user may turn the hub back on)."""
     for key, value in QUIET.items():
         os.environ.setdefault(key, value)
+
+
+def device():
+    """Where stages put models: ``CPET_DEVICE`` (``cpu``, ``cuda``, ``cuda:1``, ...) or, unset or
+    ``auto``, the first CUDA GPU when one is usable, else the CPU. Nothing requires a GPU."""
+    import torch
+
+    want = os.environ.get("CPET_DEVICE", "auto").strip() or "auto"
+    if want == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(want)
+    except RuntimeError as err:
+        from cpet.errors import ConfigError
+
+        raise ConfigError(f"CPET_DEVICE: {want!r} is not a torch device ({err})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from cpet.errors import ConfigError
+
+        raise ConfigError(f"CPET_DEVICE: {want!r} asked for, but torch sees no CUDA GPU")
+    return dev

@@ -28,6 +28,10 @@ def task_metrics(model, tokenizer, rows: Sequence[dict], template: str, verbaliz
     return accuracy_f1(ev.labels, ev.scores(model).argmax(1).tolist(), len(verbalizer.labels))
 
 
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def perplexity(model, tokenizer, texts: Sequence[str], *, max_length: int, batch_size: int) -> float:
     """exp(mean next-token NLL) over all real tokens of ``texts`` (each cut to max_length)."""
@@ -37,6 +41,7 @@ def perplexity(model, tokenizer, texts: Sequence[str], *, max_length: int, batch
     for start in range(0, len(texts), batch_size):
         enc = tokenizer(list(texts[start : start + batch_size]), return_tensors="pt", padding=True,
                         truncation=True, max_length=max_length, add_special_tokens=False)
+        enc = enc.to(_device(model))
         logits = model(**enc).logits[:, :-1].float()
         target = enc["input_ids"][:, 1:]
         mask = enc["attention_mask"][:, 1:].bool()
@@ -53,7 +58,8 @@ def forward_latency_ms(model, *, batch: int, seq_len: int, repeats: int, warmup:
     """Median wall time of one forward pass on random tokens, in milliseconds."""
     vocab = vocab_size or model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (batch, seq_len), generator=gen)
+    dev = _device(model)
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=gen).to(dev)
     mask = torch.ones_like(ids)
     was_training = model.training
     model.eval()
@@ -61,6 +67,8 @@ def forward_latency_ms(model, *, batch: int, seq_len: int, repeats: int, warmup:
     for i in range(warmup + repeats):
         t0 = time.perf_counter()
         model(input_ids=ids, attention_mask=mask)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)  # kernels run asynchronously: time their completion
         if i >= warmup:
             times.append((time.perf_counter() - t0) * 1000)
     model.train(was_training)

@@ -63,7 +63,7 @@ def encode_prompts(tokenizer, texts: Sequence[str], template: str, max_length: i
 def last_token_logits(logits: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Logits at each row's last real (right-padded) position: ``[batch, vocab]``."""
     last = attention_mask.sum(dim=1) - 1
-    return logits[torch.arange(logits.shape[0]), last]
+    return logits[torch.arange(logits.shape[0], device=logits.device), last]
 
 
 def label_position_logits(model, batch: dict) -> torch.Tensor:
@@ -79,7 +79,7 @@ def label_position_logits(model, batch: dict) -> torch.Tensor:
         logits = model(**batch, logits_to_keep=keep).logits
     except TypeError:  # an architecture without logits_to_keep
         return last_token_logits(model(**batch).logits, batch["attention_mask"])
-    return logits[torch.arange(logits.shape[0]), where]
+    return logits[torch.arange(logits.shape[0], device=logits.device), where]
 
 
 @torch.no_grad()
@@ -90,9 +90,11 @@ def predict(model, tokenizer, texts: Sequence[str], template: str, verbalizer: V
     model.eval()
     scores = []
     ids = torch.tensor(verbalizer.token_ids)
+    device = next(model.parameters()).device
     for start in range(0, len(texts), batch_size):
         batch = encode_prompts(tokenizer, texts[start : start + batch_size], template, max_length)
-        scores.append(label_position_logits(model, batch)[:, ids].float())
+        batch = {k: v.to(device) for k, v in batch.items()}
+        scores.append(label_position_logits(model, batch)[:, ids.to(device)].float().cpu())
     model.train(was_training)
     s = torch.cat(scores) if scores else torch.zeros((0, len(ids)))
     return s.argmax(dim=1).tolist(), s

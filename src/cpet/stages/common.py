@@ -8,6 +8,7 @@ from pathlib import Path
 
 from cpet import data
 from cpet.config import Params
+from cpet.env import device
 from cpet.errors import ConfigError
 from cpet.lmcls import Verbalizer
 from cpet.stages.validate import require_valid
@@ -16,13 +17,13 @@ BASE_DIR = Path("models") / "base"
 
 
 def load_base(root: Path):
-    """The original model (float32, eval mode) and its tokenizer from ``models/base``."""
+    """The original model (float32, eval mode, on :func:`cpet.env.device`) and its tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(root) / BASE_DIR
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
-    return model.eval(), AutoTokenizer.from_pretrained(path)
+    return model.to(device()).eval(), AutoTokenizer.from_pretrained(path)
 
 
 @dataclass(frozen=True)
@@ -114,8 +115,9 @@ def train_adapter(model, tokenizer, view: TaskView, config, ckpt: Path, loss_fn=
 
 
 def load_compressed_base(root: Path, method: str):
-    """The compressed model ``models/compressed/<method>`` in training form, and its kept map."""
+    """The compressed model ``models/compressed/<method>`` in training form (on
+    :func:`cpet.env.device`), and its kept map."""
     from cpet.compress import load_compressed, read_manifest
 
     folder = Path(root) / "models" / "compressed" / method
-    return load_compressed(folder, form="train").eval(), read_manifest(folder).get("kept")
+    return load_compressed(folder, form="train").to(device()).eval(), read_manifest(folder).get("kept")
