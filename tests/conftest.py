@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,9 @@ from cpet.env import apply_quiet_defaults
 from tinyproject import make_rows, tiny_rows, tiny_tokenizer
 
 apply_quiet_defaults()
+# The suite is the CPU suite, also on a GPU machine (tests/test_gpu.py opts into CUDA);
+# CPET_DEVICE=cuda pytest runs it on the GPU instead.
+os.environ.setdefault("CPET_DEVICE", "cpu")
 
 ROOT = Path(__file__).resolve().parents[1]
 

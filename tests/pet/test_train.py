@@ -82,7 +82,8 @@ def test_bf16_mixed_precision_learns_with_float32_weights(data, verbalizer):
     model = _student(dropout=0.0)
     dtypes, losses = set(), []
     loss_fn = TaskLoss(verbalizer)
-    hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: dtypes.add(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else o.dtype))
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: dtypes.add(
+        torch.get_autocast_dtype(o.device.type) if torch.is_autocast_enabled(o.device.type) else o.dtype))
 
     def recording(m, b):
         loss, logs = loss_fn(m, b)

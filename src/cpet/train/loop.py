@@ -4,7 +4,7 @@
 distillation loss reading the teacher cache); the loop owns everything else: data order,
 AdamW + linear warmup/decay, clipping, validation, best-weights selection, resumable
 checkpoints. It runs on ``accelerate.Accelerator``: single process by default, DDP under
-``accelerate launch`` / ``torchrun`` (gloo on CPU). Only the trainable set ever changes, so
+``accelerate launch`` / ``torchrun`` (gloo on CPU); on the GPU unless ``cpet.env.device()`` is the CPU. Only the trainable set ever changes, so
 pruning masks and quantization grids of the base stay intact.
 """
 
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cpet.env import device
 from cpet.errors import CpetError
 from cpet.train import checkpoint
 from cpet.train.checkpoint import TrainState
@@ -80,7 +81,7 @@ def train(model: nn.Module, data: TokenizedExamples, loss_fn: LossFn, config: Tr
     from accelerate.utils import broadcast_object_list, gather_object
     from tqdm.auto import tqdm
 
-    acc = accelerator or Accelerator()
+    acc = accelerator or Accelerator(cpu=device().type == "cpu")  # CPET_DEVICE=cpu keeps a GPU box on CPU
     rank, world = acc.process_index, acc.num_processes
     params = select_trainable(model, trainable)
     torch.manual_seed(config.seed + rank)  # dropout stream per process; restored on resume
