@@ -87,6 +87,9 @@ def tiny_project(tmp_path: Path, raw_params: dict):
     raw_params["recover"]["variants"] = ["compressed+pet", "compressed+inherit", "compressed+recover",
                                          "compressed+cpet"]
     raw_params["evaluate"].update(batch_size=16, max_length=32)
+    # Stage tests do not track (no MLflow database per test); tests/test_tracking.py and
+    # tests/test_registry.py turn tracking on against a sqlite file in tmp_path.
+    raw_params["track"]["enabled"] = False
     params = parse_params(raw_params)
     validate(params, tmp_path)
     return tmp_path, params

@@ -30,7 +30,14 @@ class Stage:
     items: Callable[[Params], list[str]] | None = None  # every item, from the params
 
     def __call__(self, params: Params, root, **selector) -> dict:
-        return self.fn(params, root, **selector)
+        """Run the stage inside its MLflow run (``track`` in params.yaml; see cpet.tracking)."""
+        from cpet.tracking import stage_run
+
+        with stage_run(params, root, self.name, next(iter(selector.values()), None)) as run:
+            metrics = self.fn(params, root, **selector)
+            if run is not None:
+                run.finish(metrics)
+        return metrics
 
 
 STAGES: dict[str, Stage] = {
