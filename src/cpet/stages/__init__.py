@@ -18,6 +18,7 @@ from cpet.stages.evaluate import evaluate
 from cpet.stages.fetch import fetch
 from cpet.stages.inherit import inherit
 from cpet.stages.recover import recover
+from cpet.stages.register import register
 from cpet.stages.teacher import teacher
 from cpet.stages.validate import validate
 
@@ -50,6 +51,7 @@ STAGES: dict[str, Stage] = {
         Stage("inherit", inherit, "method", lambda p: p.recover_methods()),
         Stage("recover", recover, "method", lambda p: p.recover_methods()),
         Stage("evaluate", evaluate),
+        Stage("register", register),
     )
 }
 ORDER = tuple(STAGES)
