@@ -243,3 +243,14 @@ def stage_run(params, root: str | os.PathLike, stage: str, item: str | None = No
             _log_reports(client, run_id, root, reports)
         finally:
             mlflow.end_run(status)
+
+
+def runs_of_flow(params, root: str | os.PathLike, flow_run_id: str) -> list[dict]:
+    """The stage runs a Prefect flow run logged (its ``prefect.flow_run_id`` tag), oldest first."""
+    client = connect(resolve_uri(params.track, root))
+    exp = client.get_experiment_by_name(params.track.experiment)
+    if exp is None:
+        return []
+    runs = client.search_runs([exp.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'",
+                              order_by=["attributes.start_time ASC"], max_results=1000)
+    return [{"name": r.info.run_name, "run_id": r.info.run_id, "status": r.info.status} for r in runs]
