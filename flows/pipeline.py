@@ -20,8 +20,8 @@ flow run ``dvc status`` is clean and ``git diff params.yaml dvc.lock`` is the ru
 stage command at a time under its repository lock, which would serialise the fan-out.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: a served run loads this file by path and Prefect builds
+# the parameter model (the Literal choices the UI shows) from the real annotations.
 import argparse
 import json
 import os
