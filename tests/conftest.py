@@ -18,8 +18,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def raw_params() -> dict:
-    """The project's params.yaml as a fresh mutable mapping."""
-    return copy.deepcopy(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    """The project's params.yaml as a fresh mutable mapping, with MLflow tracking off.
+
+    Tests do not track unless they say so (no MLflow database per test, and nothing sent to a
+    server that MLFLOW_TRACKING_URI may name); tests/test_tracking.py, test_registry.py and
+    test_flow.py turn it on against a sqlite file in tmp_path.
+    """
+    raw = copy.deepcopy(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    raw["track"]["enabled"] = False
+    return raw
 
 
 @pytest.fixture
@@ -87,9 +94,6 @@ def tiny_project(tmp_path: Path, raw_params: dict):
     raw_params["recover"]["variants"] = ["compressed+pet", "compressed+inherit", "compressed+recover",
                                          "compressed+cpet"]
     raw_params["evaluate"].update(batch_size=16, max_length=32)
-    # Stage tests do not track (no MLflow database per test); tests/test_tracking.py and
-    # tests/test_registry.py turn tracking on against a sqlite file in tmp_path.
-    raw_params["track"]["enabled"] = False
     params = parse_params(raw_params)
     validate(params, tmp_path)
     return tmp_path, params

@@ -97,6 +97,13 @@ def test_register_gate_promote_load_and_predict(tiny_project, monkeypatch, capsy
     for row, p in zip(out["scores"], probs):
         assert row == pytest.approx({"neg": float(p[0]), "pos": float(p[1])}, abs=1e-5)
 
+    # the base model scores a task zero-shot; a DataFrame may name the task per row
+    import pandas as pd
+
+    zero = mlflow.pyfunc.load_model("models:/cpet-base-int8@champion").predict(
+        pd.DataFrame({"text": texts[:2], "task": ["tiny", "tiny"]}))
+    assert set(zero["label"]) <= {"neg", "pos"} and all(abs(sum(x.values()) - 1) < 1e-5 for x in zero["scores"])
+
     # a new version that fails a gate: no alias, tagged with the gate and values; champion stays v1
     lora = bundle / "adapter/adapter_model.safetensors"
     save_file({k: v * 0.5 for k, v in load_file(str(lora)).items()}, str(lora))
