@@ -16,7 +16,8 @@ params.yaml as ``dvc exp run -S`` does (existing keys only, validated first), an
 stage the flow runs ``dvc commit -f`` on the stage instances it ran, so
 ``dvc.lock`` records params, dependency and output hashes exactly as ``dvc repro`` would. After a
 flow run ``dvc status`` is clean and ``git diff params.yaml dvc.lock`` is the run's lineage
-(``dvc exp save`` keeps it as an experiment). Why not run ``dvc exp run`` itself: DVC runs one
+(in a git work tree the flow also keeps it as DVC experiment ``flow-<run name>``, ``dvc exp
+save``). Why not run ``dvc exp run`` itself: DVC runs one
 stage command at a time under its repository lock, which would serialise the fan-out.
 """
 
@@ -104,6 +105,19 @@ def dvc_commit(root: Path, instances: list[str]) -> None:
         raise CpetError(f"dvc commit {' '.join(instances)}: {last}")
 
 
+def save_experiment(root: Path, name: str, instances: list[str]) -> str | None:
+    """Keep this run's params.yaml/dvc.lock/metrics as DVC experiment ``name`` (``dvc exp show``
+    lists it, ``dvc exp apply`` + ``dvc checkout`` restore it); None outside a git work tree."""
+    if subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True).returncode:
+        return None
+    proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "save", "-f", "-n", name, *instances], cwd=root,
+                          capture_output=True, text=True)
+    if proc.returncode:
+        last = ((proc.stderr + proc.stdout).strip().splitlines() or ["(no output)"])[-1]
+        raise CpetError(f"dvc exp save -n {name}: {last}")
+    return name
+
+
 def _run_stage(params, root: str, name: str, item: str | None = None) -> dict:
     stage = STAGES[name]
     return stage(params, Path(root), **({stage.fan_out: item} if item is not None else {}))
@@ -133,7 +147,8 @@ def pipeline(params_path: str = "params.yaml", root: str = ".", stages: list[str
              record_lineage: bool = True) -> dict:
     """Run the selected stages (default: all, in DVC order); a failing stage stops the flow.
 
-    ``record_lineage`` commits each stage to dvc.lock when ``root`` is a DVC project.
+    ``record_lineage`` (when ``root`` is a DVC project) commits each stage to dvc.lock and, in a
+    git work tree, saves the run as DVC experiment ``flow-<flow run name>``.
     """
     base = Path(root).resolve()
     if overrides:
@@ -145,6 +160,7 @@ def pipeline(params_path: str = "params.yaml", root: str = ".", stages: list[str
     selected = [s for s in ORDER if stages is None or s in stages]
     lineage = record_lineage and (base / ".dvc").is_dir()
     results: dict = {}
+    ran: list[str] = []  # stage instances, as dvc.lock names them
     with make_runner(task_runner, cluster_address, max_workers) as runner:
         for name in selected:
             stage = STAGES[name]
@@ -158,9 +174,16 @@ def pipeline(params_path: str = "params.yaml", root: str = ".", stages: list[str
             }
             done = {item: fut.result() for item, fut in futures.items()}
             results[name] = done[None] if stage.fan_out is None else done
+            names = [name if item is None else f"{name}@{item}" for item in items]
+            ran += names
             if lineage:
-                names = [name if item is None else f"{name}@{item}" for item in items]
                 task(dvc_commit, name=f"dvc-commit[{name}]", cache_policy=NO_CACHE)(base, names)
+    if lineage:
+        from prefect.runtime import flow_run
+
+        saved = task(save_experiment, name="dvc-exp-save", cache_policy=NO_CACHE)(base, f"flow-{flow_run.name}", ran)
+        if saved:
+            print(f"DVC experiment {saved}: dvc exp show / dvc exp apply {saved}")
     _link_mlflow_runs(params, base)
     return results
 

@@ -66,18 +66,29 @@ def _lock_outs(root: Path) -> dict:
     return {f"{name}:{o['path']}": o["md5"] for name, entry in lock.items() for o in entry.get("outs", [])}
 
 
-def test_flow_matches_dvc_repro_and_locks_its_overrides(harness, tiny_project):
+def _git(root: Path, *args: str) -> None:
+    import subprocess
+
+    subprocess.run(["git", "-C", str(root), *args], check=True, capture_output=True)
+
+
+def test_flow_matches_dvc_repro_and_locks_its_overrides(harness, tiny_project, monkeypatch):
     """dvc repro and the flow give the same artifacts; the flow's overrides land in dvc.lock."""
     import json
     import shutil
 
+    for var in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME"):
+        monkeypatch.setenv(var, "cpet test")
+    for var in ("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
+        monkeypatch.setenv(var, "test@cpet.invalid")
     root, params = tiny_project
     raw = params.model_dump(by_alias=True, mode="json")
     raw["compress"]["methods"] = {"int8": {"method": "int8"}}
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
     shutil.copytree(ROOT / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))  # code deps
-    _dvc(root, "init", "--no-scm", "-q")
+    _git(root, "init", "-q")
+    _dvc(root, "init", "-q")
 
     _dvc(root, "repro", "-s", "validate", "compress@int8")
     by_dvc = _lock_outs(root)
@@ -94,8 +105,13 @@ def test_flow_matches_dvc_repro_and_locks_its_overrides(harness, tiny_project):
     assert report_flow["after"]["tasks"] == report_dvc["after"]["tasks"]
     assert "up to date" in _dvc(root, "status", "validate", "compress@int8")
 
-    # an override is applied as `dvc exp run -S` would and recorded in dvc.lock: `dvc status` stays clean
+    # an override is applied as `dvc exp run -S` would and recorded in dvc.lock: `dvc status` stays
+    # clean, and the run is kept as a DVC experiment
+    (root / ".gitignore").write_text("/models/base\n/data/processed\n/.cache\n")  # fetch's outputs: DVC's, not git's
+    _git(root, "add", "-A")
+    _git(root, "commit", "-qm", "tiny project")
     _flow()(root=str(root), stages=["validate"], overrides={"validate.min_per_class": 5})
+    assert [x for x in _dvc(root, "exp", "list", "--name-only").split() if x.startswith("flow-")]
     assert yaml.safe_load((root / "params.yaml").read_text())["validate"]["min_per_class"] == 5
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["validate"]
     assert lock["params"]["params.yaml"]["validate"]["min_per_class"] == 5
