@@ -35,6 +35,9 @@ class CpetClassifier(mlflow.pyfunc.PythonModel):
     """A compressed base (zero-shot) or a task bundle on it, as label-word classification."""
 
     batch_size = 16
+    # `predict` takes lists *or* frames, so it has no type hints to validate against; this is
+    # MLflow's switch for that (otherwise it warns on every class definition, i.e. every load).
+    _skip_type_hint_validation = True
 
     def load_context(self, context) -> None:
         from transformers import AutoTokenizer

@@ -146,8 +146,6 @@ def _log(client, name: str, artifacts: dict[str, Path], about: dict, tmp: Path) 
     ``about`` goes into the model as ``cpet.json`` (not ``model_config``, which MLflow also logs
     as run params, and those clash between the models one register run logs).
     """
-    import warnings
-
     import mlflow
 
     about_file = tmp / name / "cpet.json"
@@ -158,12 +156,10 @@ def _log(client, name: str, artifacts: dict[str, Path], about: dict, tmp: Path) 
         if v.tags.get("cpet.fingerprint") == fp:
             return str(v.version), True
     reqs = [f"{p}=={metadata.version(p)}" for p in REQUIREMENTS]
-    with warnings.catch_warnings():  # predict takes lists *or* frames: no type-hint schema on purpose
-        warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
-        info = mlflow.pyfunc.log_model(
-            name=name, python_model=str(MODEL_CODE), artifacts={k: str(v) for k, v in artifacts.items()},
-            pip_requirements=reqs, registered_model_name=name,
-        )
+    info = mlflow.pyfunc.log_model(
+        name=name, python_model=str(MODEL_CODE), artifacts={k: str(v) for k, v in artifacts.items()},
+        pip_requirements=reqs, registered_model_name=name,
+    )
     version = str(info.registered_model_version)
     client.set_model_version_tag(name, version, "cpet.fingerprint", fp)
     return version, False
