@@ -18,11 +18,29 @@ def harness():
         yield
 
 
-def _flow():
+def _module():
     spec = importlib.util.spec_from_file_location("pipeline", ROOT / "flows" / "pipeline.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.pipeline
+    return mod
+
+
+def _flow():
+    return _module().pipeline
+
+
+def test_task_runners_threads_here_cluster_runners_optional():
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from cpet.errors import CpetError
+
+    mod = _module()
+    assert isinstance(mod.make_runner("threads"), ThreadPoolTaskRunner)
+    for kind in ("dask", "ray"):
+        if importlib.util.find_spec(f"prefect_{kind}") is None:  # the optional `cluster` extra
+            with pytest.raises(CpetError, match=rf"task_runner '{kind}' needs prefect-{kind}: pip install -e '.\[cluster\]'"):
+                mod.make_runner(kind)
+    assert mod.RETRIES == {"fetch": 2, "register": 2}  # only the stages that touch the network
 
 
 def test_flow_validates_and_stops_on_bad_data(harness, tiny_task, raw_params, tmp_path, monkeypatch):
