@@ -132,3 +132,19 @@ def test_register_gate_promote_load_and_predict(tiny_project, monkeypatch, capsy
     lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
     assert [x["text"] for x in lines] == texts[:2] and all(x["label"] in ("neg", "pos") for x in lines)
     assert all(set(x["scores"]) == {"neg", "pos"} and x["score"] == max(x["scores"].values()) for x in lines)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda r: r["register"]["task_gates"].update(min_acc=0.5),
+     "params.yaml: register.task_gates: unknown gate 'min_acc'; choose from"),
+    (lambda r: r["register"].update(variant="compressed+recover"),
+     "params.yaml: <root>: register.variant 'compressed+recover' is not in recover.variants"),
+    (lambda r: r["track"].pop("experiment"), "params.yaml: track.experiment: Field required"),
+])
+def test_bad_register_and_track_sections_name_the_key(raw_params, mutate, message):
+    from cpet.errors import ConfigError
+
+    mutate(raw_params)
+    with pytest.raises(ConfigError) as err:
+        parse_params(raw_params)
+    assert str(err.value).startswith(message)
