@@ -55,7 +55,7 @@ class Graph:
     def upstream(self, spec: StageSpec) -> list[StageSpec]:
         """Stage instances whose outputs this one reads (a dep equal to, inside or above an out)."""
         return [s for s in self.specs if s.name != spec.name
-                and any(_overlap(d, o) for d in spec.deps for o in s.outs)]
+                and any(_overlap(d, o) for d in spec.deps for o in (*s.outs, *s.metrics))]
 
 
 def _overlap(a: str, b: str) -> bool:
