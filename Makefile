@@ -22,7 +22,7 @@ export GX_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: run test test-fast install install-gpu lock flow clean-venv
+.PHONY: run test test-fast install install-gpu lock flow clean-venv prefect-server deploy mlflow-ui
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,18 @@ test-fast: install
 
 flow: install
 	python flows/pipeline.py
+
+# Orchestration UIs, each bound to loopback. Start the server, then (another shell) the deployment.
+PREFECT_PORT ?= 4200
+CRON ?= 0 2 * * *
+prefect-server: install
+	prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+deploy: install
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api python flows/pipeline.py serve --cron "$(CRON)"
+
+mlflow-ui: install
+	mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db
 
 clean-venv:
 	rm -rf $(VENV)

@@ -22,8 +22,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def raw_params() -> dict:
-    """The project's params.yaml as a fresh mutable mapping."""
-    return copy.deepcopy(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    """The project's params.yaml as a fresh mutable mapping, with MLflow tracking off.
+
+    Tests do not track unless they say so (no MLflow database per test, and nothing sent to a
+    server that MLFLOW_TRACKING_URI may name); tests/test_tracking.py, test_registry.py and
+    test_flow.py turn it on against a sqlite file in tmp_path.
+    """
+    raw = copy.deepcopy(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    raw["track"]["enabled"] = False
+    return raw
 
 
 @pytest.fixture

@@ -50,3 +50,17 @@ def test_flow_runs_the_same_stage_functions():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.STAGES is STAGES and mod.ORDER == ORDER
+
+
+def test_mlflow_lives_only_in_cpet_tracking():
+    """The rest of the library never imports mlflow, and importing the stages does not load it."""
+    import re
+    import subprocess
+    import sys
+
+    pattern = re.compile(r"^\s*(import|from)\s+mlflow\b", re.M)
+    offenders = [p for p in (ROOT / "src/cpet").rglob("*.py")
+                 if "tracking" not in p.relative_to(ROOT / "src/cpet").parts and pattern.search(p.read_text())]
+    assert offenders == []
+    code = "import sys, cpet.cli, cpet.stages, cpet.tracking; assert 'mlflow' not in sys.modules, 'mlflow imported'"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0

@@ -38,6 +38,13 @@ def _parser() -> argparse.ArgumentParser:
     cm.add_argument("--calib", type=Path, help="calibration texts: .jsonl with 'text' or .txt lines")
     cm.add_argument("--samples", type=int, default=64, help="calibration texts used (default 64)")
     cm.add_argument("--trust-remote-code", action="store_true", help="run model code from the hub")
+    pr = sub.add_parser("promote", help="re-check a registered version's gates; 'champion' moves only if they pass")
+    pr.add_argument("--model", required=True, help="registered model name, e.g. cpet-sentiment-int3")
+    pr.add_argument("--version", help="version to check (default: the latest)")
+    pd = sub.add_parser("predict", help="classify texts with a registered model (JSON lines out)")
+    pd.add_argument("--model", required=True, help="e.g. models:/cpet-sentiment-int3@champion")
+    pd.add_argument("--task", help="task for a base model, which scores every task (default: its first)")
+    pd.add_argument("texts", nargs="+", help="texts to classify ('-' reads one per line from stdin)")
     return p
 
 
@@ -65,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check-params":
             print(json.dumps(params.model_dump(by_alias=True), indent=2))
             return 0
+        if args.command in ("promote", "predict"):
+            from cpet.tracking.commands import predict_command, promote_command
+
+            if args.command == "promote":
+                return promote_command(params, Path(args.root), args.model, args.version)
+            return predict_command(params, Path(args.root), args.model, args.texts, args.task)
         stage = STAGES[args.command]
         selector = {}
         if stage.fan_out and getattr(args, stage.fan_out) is not None:

@@ -229,6 +229,50 @@ class EvaluateConfig(Section):
     max_length: int = Field(gt=0)
 
 
+# --------------------------------------------------------------------------- tracking / registry
+class TrackConfig(Section):
+    """MLflow tracking of every stage run (cpet.tracking); ``MLFLOW_TRACKING_URI`` overrides the URI."""
+
+    enabled: bool = Field(description="log each stage run (params, metrics, reports, lineage tags)")
+    tracking_uri: str = Field(description="MLflow tracking/registry URI; sqlite paths are relative to the project root")
+    experiment: str = Field(min_length=1, description="experiment holding the stage runs")
+
+
+GATES = {  # gate name -> (metric it reads, comparison); see cpet.tracking.gates
+    "min_accuracy": ("accuracy", ">="),
+    "min_recovery_ratio": ("recovery_ratio", ">="),
+    "max_latency_ms": ("latency_ms", "<="),
+    "max_size_ratio": ("size_ratio", "<="),
+}
+
+
+def _gates(gates: dict[str, float | None]) -> dict[str, float | None]:
+    bad = [g for g in gates if g not in GATES]
+    if bad:
+        raise ValueError(f"unknown gate {bad[0]!r}; choose from {sorted(GATES)}")
+    return gates
+
+
+class RegisterConfig(Section):
+    """Registered models and the gates a version must pass to become ``champion``."""
+
+    variant: str = Field(description="the recover variant registered as each task's model")
+    base_gates: dict[str, float | None] = Field(description="gates for cpet-base-<compression> (null = off)")
+    task_gates: dict[str, float | None] = Field(description="gates for cpet-<task>-<compression> (null = off)")
+
+    @field_validator("base_gates", "task_gates")
+    @classmethod
+    def _known(cls, gates: dict[str, float | None]) -> dict[str, float | None]:
+        return _gates(gates)
+
+    @field_validator("variant")
+    @classmethod
+    def _variant(cls, v: str) -> str:
+        if v not in TRAINED_VARIANTS:
+            raise ValueError(f"unknown variant {v!r}; choose from {list(TRAINED_VARIANTS)}")
+        return v
+
+
 # --------------------------------------------------------------------------- all
 class Params(Section):
     tasks: dict[str, TaskConfig]
@@ -238,6 +282,8 @@ class Params(Section):
     teacher: TeacherConfig
     recover: RecoverConfig
     evaluate: EvaluateConfig
+    track: TrackConfig
+    register_: RegisterConfig = Field(alias="register")
 
     def recover_methods(self) -> list[str]:
         """Compression methods in the CPET comparison: every configured one."""
@@ -254,6 +300,8 @@ class Params(Section):
             raise ValueError(
                 "validate.max_chars must be >= fetch.max_chars (fetch truncates to that length)"
             )
+        if self.register_.variant not in self.recover.variants:
+            raise ValueError(f"register.variant {self.register_.variant!r} is not in recover.variants")
         return self
 
 

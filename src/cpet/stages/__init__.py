@@ -18,6 +18,7 @@ from cpet.stages.evaluate import evaluate
 from cpet.stages.fetch import fetch
 from cpet.stages.inherit import inherit
 from cpet.stages.recover import recover
+from cpet.stages.register import register
 from cpet.stages.teacher import teacher
 from cpet.stages.validate import validate
 
@@ -30,7 +31,14 @@ class Stage:
     items: Callable[[Params], list[str]] | None = None  # every item, from the params
 
     def __call__(self, params: Params, root, **selector) -> dict:
-        return self.fn(params, root, **selector)
+        """Run the stage inside its MLflow run (``track`` in params.yaml; see cpet.tracking)."""
+        from cpet.tracking import stage_run
+
+        with stage_run(params, root, self.name, next(iter(selector.values()), None)) as run:
+            metrics = self.fn(params, root, **selector)
+            if run is not None:
+                run.finish(metrics)
+        return metrics
 
 
 STAGES: dict[str, Stage] = {
@@ -43,6 +51,7 @@ STAGES: dict[str, Stage] = {
         Stage("inherit", inherit, "method", lambda p: p.recover_methods()),
         Stage("recover", recover, "method", lambda p: p.recover_methods()),
         Stage("evaluate", evaluate),
+        Stage("register", register),
     )
 }
 ORDER = tuple(STAGES)

@@ -1,0 +1,58 @@
+"""``cpet promote`` and ``cpet predict``: the registry from the command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from cpet.errors import CpetError
+from cpet.tracking.registry import CHAMPION, latest_version, promote, version_metrics
+from cpet.tracking.runs import connect, resolve_uri
+
+
+def promote_command(params, root: Path, model: str, version: str | None) -> int:
+    """Re-check ``model``'s version (default: latest) against today's gates in params.yaml.
+
+    Prints the outcome as JSON; exit 0 when the version is (now) champion, 1 when a gate failed.
+    """
+    client = connect(resolve_uri(params.track, root))
+    version = version or latest_version(client, model)
+    gates = params.register_.base_gates if model.startswith("cpet-base-") else params.register_.task_gates
+    decision = promote(client, model, version, version_metrics(client, model, version), gates)
+    try:
+        champion = str(client.get_model_version_by_alias(model, CHAMPION).version)
+    except Exception:  # noqa: BLE001 - mlflow raises a generic MlflowException for "no such alias"
+        champion = None
+    print(json.dumps({"model": model, "version": version, "champion": champion, **decision.tags()}, indent=2))
+    if not decision.passed:
+        failed = "; ".join(f"{c.gate} ({c.describe()})" for c in decision.failed)
+        kept = f"champion stays v{champion}" if champion else "no champion"
+        raise CpetError(f"{model} v{version}: gate failed: {failed}; {kept}")
+    return 0
+
+
+def predict_command(params, root: Path, model_uri: str, texts: list[str], task: str | None) -> int:
+    """Classify ``texts`` with a registered (or local) model; one JSON line per text."""
+    import mlflow
+
+    from mlflow.exceptions import MlflowException
+
+    uri = resolve_uri(params.track, root)
+    connect(uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    if texts == ["-"]:
+        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    except MlflowException as err:
+        raise CpetError(f"{model_uri}: {str(err).splitlines()[0]}") from None
+    import pandas as pd
+
+    frame = pd.DataFrame({"text": texts, **({"task": [task] * len(texts)} if task else {})})
+    for text, (_, row) in zip(texts, model.predict(frame).iterrows(), strict=True):
+        print(json.dumps({"text": text, "task": row["task"], "label": row["label"],
+                          "score": round(float(row["score"]), 6),
+                          "scores": {k: round(float(v), 6) for k, v in row["scores"].items()}}))
+    return 0
