@@ -63,6 +63,10 @@ def test_onnx_parity_per_method(method, tmp_path):
     graph = export_onnx(deploy_model(bundle, cm.records, "onnx"), tmp_path / method,
                         expect_nbits=quantized_linears(cm.records))
     assert graph["matmul_nbits"] == (14 if method.startswith("int") else 0)
+    import onnx
+
+    inits = onnx.load(str(tmp_path / method / "model.onnx")).graph.initializer
+    assert sum(40 in i.dims for i in inits) == 1  # tied LM head = Transpose(embedding), stored once
     ort_logits = OnnxLM(session(tmp_path / method))(IDS, MASK)[MASK.bool()]
     torch.testing.assert_close(ort_logits, logits(bundle), atol=1e-4, rtol=0)
     # the PyTorch deployment form (packed weights, side paths) computes the same

@@ -44,7 +44,9 @@ def export_onnx(model: torch.nn.Module, out_dir: str | os.PathLike, *, expect_nb
     if ops.get("MatMulNBits", 0) != expect_nbits:
         raise CpetError(f"export: graph has {ops.get('MatMulNBits', 0)} MatMulNBits nodes, expected {expect_nbits}")
     return {"matmul_nbits": ops.get("MatMulNBits", 0), "matmul": ops.get("MatMul", 0),
-            "inputs": [i.name for i in graph.input], "bytes": folder_bytes(out_dir)}
+            "inputs": [i.name for i in graph.input],
+            "bytes": folder_bytes(out_dir)}
+
 
 
 def folder_bytes(path: str | os.PathLike) -> int:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cpet.config import Params
+from cpet.stages.bench import bench
 from cpet.stages.compress import compress
 from cpet.stages.evaluate import evaluate
 from cpet.stages.export import export
@@ -45,6 +46,7 @@ STAGES: dict[str, Stage] = {
         Stage("recover", recover, "method", lambda p: p.recover_methods()),
         Stage("evaluate", evaluate),
         Stage("export", export, "method", lambda p: p.recover_methods()),
+        Stage("bench", bench),
     )
 }
 ORDER = tuple(STAGES)
