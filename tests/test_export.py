@@ -86,6 +86,19 @@ def test_ort_model_for_causal_lm_loads_the_export(tmp_path):
     torch.testing.assert_close(out[MASK.bool()], logits(bundle), atol=1e-4, rtol=0)
 
 
+def test_cpu_fallback_is_never_reported_as_gpu(tmp_path):
+    """Asking for CUDA where ORT has none (this CPU host; also checked on a GPU host whose ORT build
+    is CPU-only) gets CPU from ORT: cpet refuses instead of labelling it GPU."""
+    from cpet.export.onnx import cuda_usable, export_onnx, session
+
+    export_onnx(deploy_model(tiny_llama()), tmp_path)
+    if cuda_usable():
+        pytest.skip("a usable CUDA provider is present")
+    assert session(tmp_path, "cpu").get_providers() == ["CPUExecutionProvider"]
+    with pytest.raises(CpetError, match="fell back to CPUExecutionProvider instead of CUDA"):
+        session(tmp_path, "cuda")
+
+
 def test_exact_merge_on_a_float_base():
     """LoRA + identity recovery fold into float weights: merged == unmerged, and no side path is left."""
     cm = compress(tiny_llama(), METHODS["structured"], name="structured")
