@@ -12,8 +12,8 @@ the export report can measure the loss). What is exact instead:
 
 ``deploy_model(bundle, records, backend)`` builds that form as a plain HF model: ``backend="torch"``
 runs quantized layers from packed storage (:class:`cpet.compress.QuantLinear`), ``"onnx"`` traces
-them as ``MatMulNBits`` (:class:`cpet.export.nbits.NBitsLinear`). ``multi_task_model`` gives every
-layer a side path per task and a switch, for serving many bundles on one base.
+them as ``MatMulNBits`` (:class:`cpet.export.nbits.NBitsLinear`). ``cpet.serve.MultiTaskModel``
+reuses :func:`layer_terms` and :class:`SidePath` to give one base a switchable side path per task.
 """
 
 from __future__ import annotations

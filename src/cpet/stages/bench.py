@@ -19,6 +19,7 @@ import argparse
 import copy
 import json
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -171,13 +172,15 @@ def bench(params: Params, root: str | Path = ".") -> dict:
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(root / "models/base").vocab_size
-    memory = {}
-    if cfg.memory:
-        for s in specs:
-            memory[s.name] = measure_memory("cpet.stages.bench", {**asdict(s), "threads": cfg.threads,
-                                                                   "batch": max(cfg.batch_sizes),
-                                                                   "seq_len": cfg.seq_len, "vocab": vocab})
-            print(f"bench memory {s.name}: {memory[s.name]['peak_mb']} MB peak", flush=True)
+    memory, serving = {}, {}
+    if cfg.memory:  # before any timing: these processes run two at a time, which memory does not mind
+        jobs = {s.name: ("cpet.stages.bench", {**asdict(s), "threads": cfg.threads, "batch": max(cfg.batch_sizes),
+                                                "seq_len": cfg.seq_len, "vocab": vocab}) for s in specs}
+        jobs |= serving_jobs(params, root, max(cfg.batch_sizes), cfg.seq_len, vocab)
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            done = dict(zip(jobs, pool.map(lambda job: measure_memory(*job), jobs.values())))
+        memory = {s.name: done[s.name] for s in specs}
+        serving = serving_summary(params, done)
     rows = []
     for device in dict.fromkeys(s.device for s in specs):
         mine = [s for s in specs if s.device == device]
@@ -195,29 +198,31 @@ def bench(params: Params, root: str | Path = ".") -> dict:
                              "bytes": size, "peak_mem_mb": memory.get(s.name, {}).get("peak_mb")})
                 print(f"bench {s.name} batch {batch}: p50 {t['p50_ms']:.1f} ms", flush=True)
         del runners
-    serving = serving_memory(params, root, max(cfg.batch_sizes), cfg.seq_len, vocab) if cfg.memory else {}
     io.write_json(root / REPORT_JSON, rows)
     io.write_json(root / SERVE_MEMORY, serving)
     io.write_text(root / REPORT_MD, markdown(rows, task, cfg, exported) + serving_markdown(serving))
     return {"rows": len(rows), "task": task, "exported": list(exported), "serve_memory": serving}
 
 
-def serving_memory(params: Params, root: Path, batch: int, seq_len: int, vocab: int) -> dict:
-    """Per method: one compressed base + every task's bundle (``cpet serve``) against one merged
-    model per task, each measured in a fresh process running every task once."""
-    from cpet.bench import measure_memory
-
-    tasks = list(params.tasks)
+def serving_jobs(params: Params, root: Path, batch: int, seq_len: int, vocab: int) -> dict:
+    """Memory jobs per method: one compressed base + every task's bundle (``cpet serve``), and one
+    merged model per task; each process runs every task once."""
     out = {}
     for method in params.recover_methods():
-        spec = {"root": str(root), "method": method, "tasks": tasks, "variant": params.serve.variant,
+        spec = {"root": str(root), "method": method, "tasks": list(params.tasks), "variant": params.serve.variant,
                 "batch": batch, "seq_len": seq_len, "vocab": vocab}
-        shared = measure_memory("cpet.serve", {**spec, "form": "shared"})
-        merged = measure_memory("cpet.serve", {**spec, "form": "merged"})
-        out[method] = {"tasks": tasks, "variant": params.serve.variant, "shared": shared, "merged": merged,
-                       "merged_over_shared": round(merged["model_mb"] / shared["model_mb"], 2)
+        for form in ("shared", "merged"):
+            out[f"serve/{method}/{form}"] = ("cpet.serve", {**spec, "form": form})
+    return out
+
+
+def serving_summary(params: Params, done: dict) -> dict:
+    out = {}
+    for method in params.recover_methods():
+        shared, merged = done[f"serve/{method}/shared"], done[f"serve/{method}/merged"]
+        out[method] = {"tasks": list(params.tasks), "variant": params.serve.variant, "shared": shared,
+                       "merged": merged, "merged_over_shared": round(merged["model_mb"] / shared["model_mb"], 2)
                        if shared["model_mb"] > 0 else None}
-        print(f"serve memory {method}: shared {shared['model_mb']} MB, merged {merged['model_mb']} MB", flush=True)
     return out
 
 
