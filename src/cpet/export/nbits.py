@@ -75,8 +75,12 @@ class _MatMulNBits(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, weight, blob, scales, K, N, bits, block):  # noqa: N803
-        return g.op("com.microsoft::MatMulNBits", x, blob, scales, K_i=K, N_i=N, bits_i=bits,
-                    block_size_i=block, accuracy_level_i=0)
+        y = g.op("com.microsoft::MatMulNBits", x, blob, scales, K_i=K, N_i=N, bits_i=bits,
+                 block_size_i=block, accuracy_level_i=0)
+        sizes = x.type().varyingSizes()  # tell the exporter the output shape: [..., N]
+        if sizes:
+            y.setType(x.type().with_sizes(sizes[:-1] + [N]))
+        return y
 
 
 class NBitsLinear(nn.Module):
