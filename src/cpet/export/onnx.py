@@ -68,6 +68,10 @@ def session(path: str | os.PathLike, device: str = "cpu", threads: int | None = 
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # No busy-waiting between runs: ORT's pool threads otherwise spin after each call and steal the
+    # cores from whatever runs next in this process (the PyTorch model in parity checks and in the
+    # interleaved benchmark) or on this shared machine.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
     providers = [CUDA, CPU] if device == "cuda" else [CPU]

@@ -43,7 +43,7 @@ def write_onnx(model, records, tokenizer, out: Path, meta: dict) -> dict:
 
 def export_task(params: Params, root: Path, method: str, cm, view, tokenizer, out: Path) -> dict:
     """Export one task's bundle, then run the parity check (raises beyond tolerance)."""
-    from cpet.export import check, deploy_model, parity, torch_last_logits
+    from cpet.export import check, parity, plain_model, torch_last_logits
     from cpet.export.onnx import OnnxLM, session
     from cpet.pet import load_bundle
 
@@ -55,15 +55,19 @@ def export_task(params: Params, root: Path, method: str, cm, view, tokenizer, ou
     graph = write_onnx(bundle, cm.records, tokenizer, out, meta)
     others = {}
     if cfg.naive_baseline and quantized_linears(cm.records):
-        others["naive_requantized"] = torch_last_logits(deploy_model(bundle, cm.records, "torch", requantize=True))
+        # float weights on the new grid: the values a packed deployment would compute with, faster here
+        others["naive_requantized"] = torch_last_logits(plain_model(bundle, cm.records, requantize=True)[0])
     rows = view.rows(cfg.split)[: cfg.max_examples]
     onnx_lm = OnnxLM(session(out, "cpu"))
+    t0 = time.perf_counter()
     result = parity(torch_last_logits(bundle), onnx_lm.last_logits, tokenizer, rows, view.template,
                     view.verbalizer, max_length=cfg.max_length, batch_size=cfg.batch_size, others=others)
+    result["parity_seconds"] = round(time.perf_counter() - t0, 1)
     check(result, cfg.tolerance, f"export {method}/{view.name}")
     print(f"export {method}/{view.name}: max|diff| {result['max_abs_logit_diff']:.2e}, "
           f"top-1 {result['top1_agreement']:.3f}, acc torch {result['accuracy_torch']:.3f} "
-          f"onnx {result['accuracy_onnx']:.3f}", flush=True)
+          f"onnx {result['accuracy_onnx']:.3f} ({graph['export_seconds']} s export, "
+          f"{result['parity_seconds']} s parity)", flush=True)
     return {"split": cfg.split, **result, "graph": graph}
 
 
