@@ -68,6 +68,17 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc): building a packed model frees the float copy
+    it came from, but glibc keeps large freed blocks in its heap, so RSS would still count them."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def reset_peak() -> bool:
     """Reset this process's peak RSS (Linux); False where that is not possible."""
     try:
@@ -85,6 +96,7 @@ def memory_of(build: Callable[[], Runner], ids: torch.Tensor, mask: torch.Tensor
     base = _status_kb("VmRSS")
     run = build()
     gc.collect()
+    release_free_memory()
     resident = _status_kb("VmRSS")
     exact = reset_peak()
     with torch.no_grad():
