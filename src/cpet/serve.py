@@ -122,7 +122,8 @@ def build_model(root: Path, method: str, tasks: list[str], variant: str) -> Mult
 
     cm = load_compressed_model(Path(root) / "models" / "compressed" / method)
     quant = {n: r for n, r in cm.records.items() if r.quant is not None}
-    multi = MultiTaskModel(to_deploy(cm.model, quant) if quant else cm.model)
+    # a copy either way: cm.model stays the plain base each task's bundle is loaded onto
+    multi = MultiTaskModel(to_deploy(cm.model, quant) if quant else copy.deepcopy(cm.model))
     for task in tasks:
         bundle_dir = Path(root) / RECOVER_DIR / method / task / variant
         if not (bundle_dir / "bundle.json").is_file():
