@@ -1,9 +1,9 @@
-"""Slow: the whole default pipeline on the real model and data, as ``dvc repro`` runs it.
+"""Slow: the default CPET pipeline on the real model and data, as ``dvc repro evaluate`` runs it.
 
 The project's own ``dvc.yaml`` and ``params.yaml`` in a fresh DVC project, with only the budget
-shrunk (steps, caps, repeats) so it takes minutes: every stage, both default tasks and
-compression methods, the comparison table at the end, and a second ``dvc repro`` that has
-nothing left to do.
+shrunk (steps, caps, repeats) so it takes minutes: fetch through evaluate, both default tasks and
+compression methods, the comparison table at the end, and ``dvc status`` with nothing left to
+do. (export, bench and register have their own tests on tiny models.)
 """
 
 import json
@@ -60,7 +60,7 @@ def test_dvc_repro_runs_the_default_pipeline(tmp_path):
     (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     params = parse_params(raw)
     _dvc("init", "--no-scm", cwd=project)
-    _dvc("repro", cwd=project)
+    _dvc("repro", "evaluate", cwd=project)
 
     rows = json.loads((project / "reports/results.json").read_text())
     methods = list(params.compress.methods)
@@ -74,5 +74,5 @@ def test_dvc_repro_runs_the_default_pipeline(tmp_path):
         report = json.loads((project / f"reports/compress/{method}.json").read_text())
         assert report["after"]["perplexity"] > report["before"]["perplexity"] * 0.9
     assert "recovery ratio" in (project / "reports/results.md").read_text()
-    status = _dvc("status", "--json", cwd=project).stdout
+    status = _dvc("status", "evaluate", "--json", cwd=project).stdout
     assert json.loads(status) == {}, status  # everything recorded in dvc.lock: nothing to rerun

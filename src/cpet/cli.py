@@ -28,6 +28,11 @@ def _parser() -> argparse.ArgumentParser:
         if stage.fan_out:
             sp.add_argument(f"--{stage.fan_out}", default=None,
                             help=f"run for one {stage.fan_out} only (default: all configured)")
+    sv = sub.add_parser("serve", help="serve task bundles on one compressed base over HTTP")
+    sv.add_argument("--method", help="compression method (default: the first of compress.methods)")
+    sv.add_argument("--tasks", help="comma-separated tasks (default: every configured task)")
+    sv.add_argument("--host", help="bind address (default: params.yaml serve.host, 127.0.0.1)")
+    sv.add_argument("--port", type=int, help="port (default: params.yaml serve.port)")
     sub.add_parser("check-params", help="validate params.yaml and print it resolved")
     sub.add_parser("compress-report", help="print a markdown table of reports/compress/*.json")
     cm = sub.add_parser("compress-model", help="compress any HF causal LM folder/id, no pipeline")
@@ -69,6 +74,13 @@ def main(argv: list[str] | None = None) -> int:
             print(table(args.root), end="")
             return 0
         params = load_params(Path(args.params))
+        if args.command == "serve":
+            from cpet.serve import serve
+
+            serve(params, Path(args.root), args.method or next(iter(params.compress.methods)),
+                  args.tasks.split(",") if args.tasks else None, args.host or params.serve.host,
+                  params.serve.port if args.port is None else args.port)
+            return 0
         if args.command == "check-params":
             print(json.dumps(params.model_dump(by_alias=True), indent=2))
             return 0

@@ -273,6 +273,52 @@ class RegisterConfig(Section):
         return v
 
 
+# --------------------------------------------------------------------------- export / bench / serve
+class ExportTolerance(Section):
+    """Parity of the ONNX model with the PyTorch bundle; beyond any bound the export stage fails."""
+
+    max_abs_logit_diff: float = Field(gt=0, description="largest |logit difference| at the label position")
+    min_top1_agreement: float = Field(ge=0, le=1, description="fraction of examples with the same predicted label")
+    max_accuracy_drop: float = Field(ge=0, description="accuracy(PyTorch) - accuracy(ONNX) on the split")
+
+
+class ExportConfig(Section):
+    variant: str = Field(description="the recover variant exported per task (a bundle)")
+    split: Literal["validation", "test"]
+    max_examples: int | None = Field(None, gt=0, description="parity examples per task (null = the whole split)")
+    batch_size: int = Field(gt=0)
+    max_length: int = Field(gt=0)
+    naive_baseline: bool = Field(description="also measure 'merge LoRA, re-quantize' on quantized bases")
+    tolerance: ExportTolerance
+
+
+class BenchConfig(Section):
+    task: str | None = Field(None, description="whose bundles are timed (null = the first task)")
+    batch_sizes: list[int] = Field(min_length=1)
+    seq_len: int = Field(gt=0)
+    warmup: int = Field(ge=0)
+    repeats: int = Field(gt=0, description="timed rounds; p50/p90 over them")
+    threads: int | None = Field(None, gt=0, description="intra-op threads of both runtimes (null = all cores)")
+    memory: bool = Field(description="peak memory of each model, measured in a fresh subprocess")
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(b < 1 for b in v):
+            raise ValueError("batch sizes must be >= 1")
+        return v
+
+
+class ServeConfig(Section):
+    host: str
+    port: int = Field(ge=0, le=65535)
+    variant: str = Field(description="the recover variant served per task")
+    max_texts: int = Field(gt=0, description="texts per request; more is refused with 422")
+    max_chars: int = Field(gt=0, description="characters per text; longer is refused with 422")
+    max_length: int = Field(gt=0, description="prompt tokens (texts are cut as in training)")
+    batch_size: int = Field(gt=0)
+
+
 # --------------------------------------------------------------------------- all
 class Params(Section):
     tasks: dict[str, TaskConfig]
@@ -284,6 +330,9 @@ class Params(Section):
     evaluate: EvaluateConfig
     track: TrackConfig
     register_: RegisterConfig = Field(alias="register")
+    export: ExportConfig
+    bench: BenchConfig
+    serve: ServeConfig
 
     def recover_methods(self) -> list[str]:
         """Compression methods in the CPET comparison: every configured one."""
@@ -354,6 +403,11 @@ def _check_library_sections(params: Params, source: str) -> None:
     for task in params.teacher.adapters:
         if task not in params.tasks:
             raise ConfigError(f"{source}: teacher.adapters.{task}: not a configured task")
+    for where, variant in (("export.variant", params.export.variant), ("serve.variant", params.serve.variant)):
+        if variant not in params.recover.variants:
+            raise ConfigError(f"{source}: {where}: {variant!r} is not one of recover.variants {params.recover.variants}")
+    if params.bench.task is not None and params.bench.task not in params.tasks:
+        raise ConfigError(f"{source}: bench.task: {params.bench.task!r} is not a configured task")
     missing = set(params.recover.distill_config().layers) - set(params.teacher.cache.layers)
     if missing:
         raise ConfigError(f"{source}: recover.distill.layers: {sorted(missing)} not in teacher.cache.layers")

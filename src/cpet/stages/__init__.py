@@ -13,8 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cpet.config import Params
+from cpet.stages.bench import bench
 from cpet.stages.compress import compress
 from cpet.stages.evaluate import evaluate
+from cpet.stages.export import export
 from cpet.stages.fetch import fetch
 from cpet.stages.inherit import inherit
 from cpet.stages.recover import recover
@@ -51,6 +53,8 @@ STAGES: dict[str, Stage] = {
         Stage("inherit", inherit, "method", lambda p: p.recover_methods()),
         Stage("recover", recover, "method", lambda p: p.recover_methods()),
         Stage("evaluate", evaluate),
+        Stage("export", export, "method", lambda p: p.recover_methods()),
+        Stage("bench", bench),
         Stage("register", register),
     )
 }

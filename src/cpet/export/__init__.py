@@ -1,0 +1,10 @@
+"""Deployment of task bundles: exact side-path form, ONNX export with MatMulNBits, parity checks.
+
+Importing this package imports torch and peft but not onnx/optimum/onnxruntime (loaded on use).
+"""
+
+from cpet.export.parity import check, label_scores, parity, torch_last_logits
+from cpet.export.sidepath import LowRank, SideLinear, SidePath, deploy_model, layer_terms, plain_model
+
+__all__ = ["LowRank", "SideLinear", "SidePath", "check", "deploy_model", "label_scores", "layer_terms",
+           "parity", "plain_model", "torch_last_logits"]

@@ -1,0 +1,202 @@
+"""The deployment form of a task bundle: base weights on their own grid + low-rank side paths.
+
+Why not "merge LoRA, then quantize": ``W_q + B A`` is off the quantization grid, and
+re-quantizing rounds most of the (small) task delta away (``naive_model`` builds that form so
+the export report can measure the loss). What is exact instead:
+
+* a **float** base layer (original, pruned, structured): every *linear* low-rank term (LoRA,
+  identity recovery) folds into the weight, ``W + sum_i s_i B_i A_i`` (float rounding only);
+* a **quantized** base layer keeps its packed weight; all its linear low-rank terms become ONE side
+  path ``[s_1 B_1 | s_2 B_2] [A_1; A_2] x`` (a sum of products is the product of stacked factors);
+* a **GELU** recovery module is not linear: always its own side path ``s B gelu(A x)``.
+
+``deploy_model(bundle, records, backend)`` builds that form as a plain HF model: ``backend="torch"``
+runs quantized layers from packed storage (:class:`cpet.compress.QuantLinear`), ``"onnx"`` traces
+them as ``MatMulNBits`` (:class:`cpet.export.nbits.NBitsLinear`). ``cpet.serve.MultiTaskModel``
+reuses :func:`layer_terms` and :class:`SidePath` to give one base a switchable side path per task.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from cpet.compress.core import WeightRecord
+from cpet.errors import CpetError
+from cpet.pet.recovery import RecoveryLayer
+
+
+@dataclass
+class LowRank:
+    """``B act(A x)``; ``B`` already carries the scaling."""
+
+    A: torch.Tensor  # [r, in]
+    B: torch.Tensor  # [out, r]
+    act: str  # "identity" | "gelu"
+
+
+def _terms(layer: BaseTunerLayer) -> list[LowRank]:
+    """The low-rank terms one peft layer adds for its active adapters (merged ones are refused)."""
+    if layer.merged:
+        raise CpetError("export: adapters are already merged into the base weights; load the bundle unmerged")
+    out = []
+    for name in layer.active_adapters:
+        if isinstance(layer, LoraLayer) and name in layer.lora_A:
+            if name in layer.lora_magnitude_vector or layer.lora_bias.get(name):
+                raise CpetError(f"export: adapter {name!r} uses DoRA or a LoRA bias, which has no side-path form")
+            a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+            out.append(LowRank(a.detach().float(), b.detach().float() * layer.scaling[name], "identity"))
+        elif isinstance(layer, RecoveryLayer) and name in layer.rec_A:
+            a, b = layer.rec_A[name].weight, layer.rec_B[name].weight
+            act = "identity" if layer.mergeable(name) else "gelu"
+            out.append(LowRank(a.detach().float(), b.detach().float() * layer.scaling[name], act))
+    return out
+
+
+def layer_terms(model: nn.Module) -> dict[str, tuple[nn.Linear, list[LowRank]]]:
+    """Per module path of the plain base model: its base ``nn.Linear`` and every low-rank term on it."""
+    plain = model.get_base_model() if isinstance(model, PeftModel) else model
+    out: dict[str, tuple[nn.Linear, list[LowRank]]] = {}
+    for name, mod in plain.named_modules():
+        if not isinstance(mod, BaseTunerLayer) or any(name.startswith(p + ".") for p in out):
+            continue
+        terms, inner = [], mod
+        while isinstance(inner, BaseTunerLayer):
+            terms += _terms(inner)
+            inner = inner.base_layer
+        if not isinstance(inner, nn.Linear):
+            raise CpetError(f"export: {name} wraps a {type(inner).__name__}, only nn.Linear is supported")
+        out[name] = (inner, terms)
+    return out
+
+
+def stack(terms: list[LowRank]) -> LowRank | None:
+    """Linear terms as one: ``sum_i B_i A_i = [B_1 | B_2 ...] [A_1; A_2 ...]``."""
+    lin = [t for t in terms if t.act == "identity"]
+    if not lin:
+        return None
+    return LowRank(torch.cat([t.A for t in lin]), torch.cat([t.B for t in lin], dim=1), "identity")
+
+
+def fold(weight: torch.Tensor, terms: list[LowRank]) -> torch.Tensor:
+    """``W + sum B A`` over the linear terms, in float32."""
+    w = weight.detach().float().clone()
+    for t in terms:
+        if t.act == "identity":
+            w += t.B @ t.A
+    return w
+
+
+class SidePath(nn.Module):
+    """``B act(A x)`` as two bias-free linears (one MatMul each in ONNX)."""
+
+    def __init__(self, term: LowRank, dtype: torch.dtype) -> None:
+        super().__init__()
+        r, d_in = term.A.shape
+        self.A = nn.Linear(d_in, r, bias=False, dtype=dtype)
+        self.B = nn.Linear(r, term.B.shape[0], bias=False, dtype=dtype)
+        self.act = nn.GELU() if term.act == "gelu" else nn.Identity()
+        with torch.no_grad():
+            self.A.weight.copy_(term.A)
+            self.B.weight.copy_(term.B)
+        self.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.B(self.act(self.A(x)))
+
+
+class SideLinear(nn.Module):
+    """``base(x) + sum side(x)``; ``base`` is a float, packed or MatMulNBits linear."""
+
+    def __init__(self, base: nn.Module, sides: list[SidePath]) -> None:
+        super().__init__()
+        self.base = base
+        self.sides = nn.ModuleList(sides)
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        for side in self.sides:
+            y = y + side(x)
+        return y
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _float_linear(linear: nn.Linear, weight: torch.Tensor) -> nn.Linear:
+    new = copy.deepcopy(linear)
+    with torch.no_grad():
+        new.weight = nn.Parameter(weight.to(linear.weight.dtype), requires_grad=False)
+    return new
+
+
+def _quantized(records: dict[str, WeightRecord] | None) -> dict[str, WeightRecord]:
+    """Records of quantized linear weights (the ones kept packed); embeddings deploy as float."""
+    return {n: r for n, r in (records or {}).items() if r.quant is not None and r.kind == "linear"}
+
+
+def plain_model(model: nn.Module, records: dict[str, WeightRecord] | None,
+                requantize: bool = False) -> tuple[nn.Module, dict[str, WeightRecord]]:
+    """A copy of the bundle as a plain HF model with :class:`SideLinear` layers (float weights still),
+    and the quantized records renamed to where their weights now live.
+
+    ``requantize=True`` builds the naive form instead: linear terms folded into quantized weights too,
+    then rounded back onto the record's grid (bits, group size) with round-to-nearest.
+    """
+    terms = layer_terms(model)
+    quant = _quantized(records)
+    plain = model.get_base_model() if isinstance(model, PeftModel) else model
+    dtype = next(plain.parameters()).dtype
+    work = copy.deepcopy(plain)
+    renamed = dict(quant)
+    for name, (base, ts) in terms.items():
+        rec = quant.get(name)
+        sides = [t for t in ts if t.act != "identity"]
+        if rec is None:
+            new_base = _float_linear(base, fold(base.weight, ts))
+        elif requantize:
+            from cpet.compress.quant import rtn
+
+            q = rtn(fold(base.weight, ts), rec.quant.bits, rec.quant.group_size)
+            new_base = _float_linear(base, q.dequantize())
+            renamed[name] = WeightRecord("linear", q)
+        else:
+            new_base = _float_linear(base, base.weight)
+            lin = stack(ts)
+            sides = ([lin] if lin is not None else []) + sides
+        module = SideLinear(new_base, [SidePath(t, dtype) for t in sides]) if sides else new_base
+        _set(work, name, module)
+        if sides and name in renamed:
+            renamed[f"{name}.base"] = renamed.pop(name)
+    if hasattr(work, "_cpet_recovery_config"):
+        del work._cpet_recovery_config
+    if hasattr(work, "peft_config"):
+        del work.peft_config
+    return work.eval(), renamed
+
+
+def deploy_model(model: nn.Module, records: dict[str, WeightRecord] | None = None,
+                 backend: str = "torch", requantize: bool = False) -> nn.Module:
+    """The bundle's deployment form (see the module docstring); ``model`` is a bundle, a bare
+    compressed model or an original model with its adapter. ``records`` are the compressed base's."""
+    work, renamed = plain_model(model, records, requantize)
+    if backend == "torch":
+        from cpet.compress.runtime import to_deploy
+
+        return to_deploy(work, renamed) if renamed else work.requires_grad_(False)
+    if backend != "onnx":
+        raise CpetError(f"backend must be 'torch' or 'onnx', got {backend!r}")
+    from cpet.export.nbits import NBitsLinear
+
+    for name, rec in renamed.items():
+        _set(work, name, NBitsLinear(work.get_submodule(name), rec.quant))
+    return work.requires_grad_(False)

@@ -1,0 +1,309 @@
+"""Stage ``bench`` (``cpet bench``): what compression + CPET buys at inference, measured side by side.
+
+Models, for the ``bench.task`` bundles: ``original+pet`` (base + teacher adapter), and per
+compression method the bare ``compressed`` model, ``compressed+pet`` and ``compressed+cpet``; each
+in PyTorch (deployment form: packed quantized weights, adapters folded or as side paths, see
+:mod:`cpet.export.sidepath`) and in ONNX Runtime (``compressed+cpet`` is the ``export`` stage's
+model; the others are exported here into ``models/bench/`` and checked against PyTorch). With a
+usable GPU (ORT's CUDA provider *and* torch CUDA) ``torch-cuda`` / ``onnxruntime-cuda`` rows are
+added; a session that falls back to CPU is an error, never a GPU row.
+
+Batch sizes ``bench.batch_sizes`` at ``bench.seq_len`` tokens, interleaved rounds (:mod:`cpet.bench`).
+Writes ``reports/bench.json`` (rows ``variant, compression, runtime, batch, seq_len, p50_ms, p90_ms,
+throughput`` (tokens/s at p50), ``bytes`` (model files), ``peak_mem_mb``) and ``reports/bench.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cpet import io
+from cpet.config import Params
+from cpet.stages.export import OUT_DIR as ONNX_DIR
+from cpet.stages.export import write_onnx
+from cpet.stages.recover import OUT_DIR as RECOVER_DIR
+from cpet.stages.teacher import OUT_DIR as TEACHER_DIR
+
+OUT_DIR = Path("models") / "bench"
+REPORT_JSON = Path("reports") / "bench.json"
+REPORT_MD = Path("reports") / "bench.md"
+SERVE_MEMORY = Path("reports") / "serve_memory.json"
+ORIGINAL = "original+pet"
+MODEL_FILES = (".onnx", ".onnx_data", ".safetensors")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One benchmarked model: enough to rebuild it in another process."""
+
+    variant: str  # original+pet | compressed | compressed+pet | compressed+cpet
+    compression: str  # "none" or a compress.methods name
+    runtime: str  # torch | onnxruntime (| torch-cuda | onnxruntime-cuda)
+    root: str
+    task: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant}/{self.compression}/{self.runtime}"
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.runtime.endswith("-cuda") else "cpu"
+
+    def sources(self) -> list[Path]:
+        """What PyTorch loads for this model (base folder + adapter or bundle folder)."""
+        root = Path(self.root)
+        if self.variant == ORIGINAL:
+            return [root / "models/base", root / TEACHER_DIR / self.task / "adapter"]
+        base = root / "models/compressed" / self.compression
+        if self.variant == "compressed":
+            return [base]
+        return [base, root / RECOVER_DIR / self.compression / self.task / self.variant]
+
+    def onnx_dir(self) -> Path:
+        root = Path(self.root)
+        if self.variant == "compressed+cpet":
+            return root / ONNX_DIR / self.compression / self.task
+        return root / OUT_DIR / self.variant / self.compression
+
+
+def model_bytes(paths: list[Path]) -> int:
+    """Bytes of the weight files (safetensors / ONNX) under ``paths``: what a deployment ships."""
+    return sum(f.stat().st_size for p in paths for f in Path(p).rglob("*") if f.suffix in MODEL_FILES)
+
+
+def torch_model(spec: Spec):
+    """The PyTorch deployment form of ``spec`` (float32, eval)."""
+    from cpet.export import deploy_model
+
+    model, records = _peft_model(spec)
+    return deploy_model(model, records, "torch")
+
+
+def runner(spec: Spec, threads: int | None):
+    """``(ids, mask) -> logits`` for ``spec`` on its runtime and device."""
+    import torch
+
+    if spec.runtime.startswith("onnxruntime"):
+        from cpet.export.onnx import OnnxLM, session
+
+        lm = OnnxLM(session(spec.onnx_dir(), spec.device, threads))
+        return lambda ids, mask: lm(ids, mask)
+    model = torch_model(spec).to(spec.device)
+    dev = spec.device
+    return lambda ids, mask: model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
+
+
+def _peft_model(spec: Spec):
+    """The PyTorch model ``spec`` is exported from (adapters unmerged) and its base's records."""
+    from cpet.compress import load_compressed_model
+    from cpet.pet import load_adapter, load_bundle
+
+    if spec.variant == ORIGINAL:
+        from cpet.stages.common import load_base
+
+        return load_adapter(load_base(Path(spec.root))[0], spec.sources()[1]), None
+    cm = load_compressed_model(spec.sources()[0])
+    if spec.variant == "compressed":
+        return cm.model, cm.records
+    return load_bundle(copy.deepcopy(cm.model), spec.sources()[1]), cm.records
+
+
+def export_missing(specs: list[Spec], tolerance: float, out: Path) -> dict:
+    """ONNX models for every spec the export stage does not provide, into ``out`` (atomic), each
+    checked against its PyTorch form on one random batch."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from cpet.bench import inputs
+    from cpet.errors import CpetError
+    from cpet.export.onnx import OnnxLM, session
+
+    done: dict = {}
+    wanted = {(s.variant, s.compression): s for s in specs
+              if s.runtime == "onnxruntime" and s.variant != "compressed+cpet"}
+    with io.atomic_dir(out) as tmp:
+        for (variant, compression), spec in wanted.items():
+            folder = tmp / variant / compression
+            model, records = _peft_model(spec)
+            tok = AutoTokenizer.from_pretrained(Path(spec.root) / "models/base")
+            graph = write_onnx(model, records, tok, folder,
+                               {"variant": variant, "compression": compression, "task": spec.task})
+            ids, mask = inputs(2, 16, model.config.vocab_size)
+            with torch.no_grad():
+                ref = model(input_ids=ids, attention_mask=mask).logits
+            diff = float((OnnxLM(session(folder))(ids, mask) - ref).abs().max())
+            if diff > tolerance:
+                raise CpetError(f"bench: ONNX export of {variant}/{compression} differs from PyTorch by {diff:.3g} "
+                                f"(> export.tolerance.max_abs_logit_diff {tolerance})")
+            done[f"{variant}/{compression}"] = {**graph, "max_abs_logit_diff": diff}
+    return done
+
+
+def specs_for(params: Params, root: Path, task: str) -> list[Spec]:
+    from cpet.export.onnx import cuda_usable
+
+    runtimes = ["torch", "onnxruntime"] + (["torch-cuda", "onnxruntime-cuda"] if cuda_usable() else [])
+    models = [(ORIGINAL, "none")]
+    for method in params.recover_methods():
+        models.append(("compressed", method))
+        models += [(v, method) for v in ("compressed+pet", "compressed+cpet") if v in params.recover.variants]
+    return [Spec(v, c, rt, str(root), task) for v, c in models for rt in runtimes]
+
+
+def bench(params: Params, root: str | Path = ".") -> dict:
+    import torch
+
+    from cpet.bench import inputs, interleaved, measure_memory
+
+    root = Path(root)
+    cfg = params.bench
+    task = cfg.task or next(iter(params.tasks))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    specs = specs_for(params, root, task)
+    exported = export_missing(specs, params.export.tolerance.max_abs_logit_diff, root / OUT_DIR)
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(root / "models/base").vocab_size
+    memory, serving = {}, {}
+    if cfg.memory:  # before any timing: these processes run two at a time, which memory does not mind
+        jobs = {s.name: ("cpet.stages.bench", {**asdict(s), "threads": cfg.threads, "batch": max(cfg.batch_sizes),
+                                                "seq_len": cfg.seq_len, "vocab": vocab}) for s in specs}
+        jobs |= serving_jobs(params, root, max(cfg.batch_sizes), cfg.seq_len, vocab)
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            done = dict(zip(jobs, pool.map(lambda job: measure_memory(*job), jobs.values())))
+        memory = {s.name: done[s.name] for s in specs}
+        serving = serving_summary(params, done)
+    rows = []
+    for device in dict.fromkeys(s.device for s in specs):
+        mine = [s for s in specs if s.device == device]
+        runners = {s.name: runner(s, cfg.threads) for s in mine}
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        for batch in cfg.batch_sizes:
+            ids, mask = inputs(batch, cfg.seq_len, vocab)
+            times = interleaved(runners, ids, mask, warmup=cfg.warmup, repeats=cfg.repeats, sync=sync)
+            for s in mine:
+                t = {k: round(v, 4) for k, v in times[s.name].items()}
+                size = model_bytes([s.onnx_dir()] if s.runtime.startswith("onnxruntime") else s.sources())
+                rows.append({"variant": s.variant, "compression": s.compression, "runtime": s.runtime,
+                             "batch": batch, "seq_len": cfg.seq_len, "p50_ms": t["p50_ms"], "p90_ms": t["p90_ms"],
+                             "throughput": round(batch * cfg.seq_len / (t["p50_ms"] / 1000), 1),
+                             "bytes": size, "peak_mem_mb": memory.get(s.name, {}).get("peak_mb")})
+                print(f"bench {s.name} batch {batch}: p50 {t['p50_ms']:.1f} ms", flush=True)
+        del runners
+    io.write_json(root / REPORT_JSON, rows)
+    io.write_json(root / SERVE_MEMORY, serving)
+    io.write_text(root / REPORT_MD, markdown(rows, task, cfg, exported) + serving_markdown(serving))
+    return {"rows": len(rows), "task": task, "exported": list(exported), "serve_memory": serving}
+
+
+def serving_jobs(params: Params, root: Path, batch: int, seq_len: int, vocab: int) -> dict:
+    """Memory jobs per method: one compressed base + every task's bundle (``cpet serve``), and one
+    merged model per task; each process runs every task once."""
+    out = {}
+    for method in params.recover_methods():
+        spec = {"root": str(root), "method": method, "tasks": list(params.tasks), "variant": params.serve.variant,
+                "batch": batch, "seq_len": seq_len, "vocab": vocab}
+        for form in ("shared", "merged"):
+            out[f"serve/{method}/{form}"] = ("cpet.serve", {**spec, "form": form})
+    return out
+
+
+def serving_summary(params: Params, done: dict) -> dict:
+    out = {}
+    for method in params.recover_methods():
+        shared, merged = done[f"serve/{method}/shared"], done[f"serve/{method}/merged"]
+        out[method] = {"tasks": list(params.tasks), "variant": params.serve.variant, "shared": shared,
+                       "merged": merged, "merged_over_shared": round(merged["model_mb"] / shared["model_mb"], 2)
+                       if shared["model_mb"] > 0 else None}
+    return out
+
+
+def serving_markdown(serving: dict) -> str:
+    if not serving:
+        return ""
+    out = ["", "## Serving many tasks on one compressed base (`cpet serve`)", "",
+           "Resident MB of a fresh process holding the models (model) and its peak during one forward pass "
+           "per task (peak). Shared = the compressed base once, in deployment form, plus each task's bundle "
+           "as switchable side paths; merged = one standalone model per task with its adapter merged into "
+           "float weights (a merged adapter leaves the quantization grid).", "",
+           "| compression | tasks | shared model MB | shared peak MB | merged model MB | merged peak MB | "
+           "merged / shared |", "|---|---|---|---|---|---|---|"]
+    for method, m in serving.items():
+        out.append(f"| {method} | {len(m['tasks'])} | {m['shared']['model_mb']} | {m['shared']['peak_mb']} | "
+                   f"{m['merged']['model_mb']} | {m['merged']['peak_mb']} | {m['merged_over_shared']}x |")
+    return "\n".join(out) + "\n"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else "n/a"
+
+
+def markdown(rows: list[dict], task: str, cfg, exported: dict) -> str:
+    """Tables per batch size with speed and size ratios to ``original+pet``, and CPET's module cost."""
+    out = ["# Inference benchmark", "",
+           f"Bundles of task `{task}`; random token ids, {cfg.seq_len} tokens per sequence; p50/p90 of "
+           f"{cfg.repeats} interleaved rounds after {cfg.warmup} warm-up round(s); threads: "
+           f"{cfg.threads or 'all cores'}. Throughput = tokens/s at p50. Speedup = p50 of `original+pet` "
+           "(same runtime and batch) / p50 of the row; `vs torch orig` compares with `original+pet` in "
+           "PyTorch. Size = weight files on disk; memory = peak resident MB of a fresh process during one "
+           f"batch-{max(cfg.batch_sizes)} forward pass (model included).", ""]
+    key = {(r["variant"], r["compression"], r["runtime"], r["batch"]): r for r in rows}
+    for batch in cfg.batch_sizes:
+        out += [f"## batch {batch}", "",
+                "| variant | compression | runtime | p50 ms | p90 ms | tokens/s | speedup | vs torch orig | "
+                "size MB | size ratio | peak MB |", "|" + "---|" * 11]
+        for r in (r for r in rows if r["batch"] == batch):
+            orig = key.get((ORIGINAL, "none", r["runtime"], batch))
+            torch_orig = key.get((ORIGINAL, "none", "torch", batch))
+            out.append(
+                f"| {r['variant']} | {r['compression']} | {r['runtime']} | {r['p50_ms']:.1f} | {r['p90_ms']:.1f} | "
+                f"{r['throughput']:.0f} | {_ratio(orig and orig['p50_ms'], r['p50_ms'])} | "
+                f"{_ratio(torch_orig and torch_orig['p50_ms'], r['p50_ms'])} | {r['bytes'] / 1e6:.1f} | "
+                f"{_ratio(r['bytes'], orig and orig['bytes'])} | {r['peak_mem_mb'] if r['peak_mem_mb'] is not None else ''} |")
+        out.append("")
+    out += ["## What CPET's modules cost over the bare compressed model", "",
+            "p50 of `compressed+cpet` / p50 of `compressed` (1.00x = free), and the same for `compressed+pet`.", "",
+            "| compression | runtime | batch | +pet | +cpet |", "|---|---|---|---|---|"]
+    for r in rows:
+        if r["variant"] != "compressed":
+            continue
+        k = (r["compression"], r["runtime"], r["batch"])
+        pet, cpet = key.get(("compressed+pet", *k)), key.get(("compressed+cpet", *k))
+        out.append(f"| {k[0]} | {k[1]} | {k[2]} | {_ratio(pet and pet['p50_ms'], r['p50_ms'])} | "
+                   f"{_ratio(cpet and cpet['p50_ms'], r['p50_ms'])} |")
+    if exported:
+        out += ["", "ONNX models exported for the benchmark (max |logit diff| vs PyTorch on a random batch): "
+                + ", ".join(f"{k} {v['max_abs_logit_diff']:.1e}" for k, v in exported.items()) + "."]
+    return "\n".join(out) + "\n"
+
+
+def _memory_main(spec_json: str) -> None:
+    """Subprocess entry: build one model, print its memory as JSON (see :func:`cpet.bench.memory_of`)."""
+    import torch
+
+    from cpet.bench import inputs, memory_of
+
+    raw = json.loads(spec_json)
+    if raw.get("threads"):
+        torch.set_num_threads(raw["threads"])
+    spec = Spec(**{k: raw[k] for k in ("variant", "compression", "runtime", "root", "task")})
+    ids, mask = inputs(raw["batch"], raw["seq_len"], raw["vocab"])
+    print(json.dumps(memory_of(lambda: runner(spec, raw.get("threads")), ids, mask)))
+
+
+if __name__ == "__main__":
+    from cpet.env import apply_quiet_defaults
+
+    apply_quiet_defaults()
+    parser = argparse.ArgumentParser(description="memory of one benchmarked model (used by cpet bench)")
+    parser.add_argument("--memory", required=True, help="Spec as JSON")
+    _memory_main(parser.parse_args().memory)
+    sys.exit(0)

@@ -1,0 +1,92 @@
+"""Stage ``export``: each task's bundle on its compressed base as an ONNX Runtime model, checked.
+
+Per compression method ``<m>`` and task ``<t>``: ``models/onnx/<m>/<t>/`` (``model.onnx``,
+``config.json``, tokenizer, ``cpet_export.json``), loadable by ORT and by optimum's
+``ORTModelForCausalLM`` (``use_cache=False``). The deployment form is exact (see
+:mod:`cpet.export.sidepath`); a parity check against the PyTorch bundle on the ``export.split``
+fails the stage beyond ``export.tolerance``, and then nothing of the method's folder is written.
+``reports/export/<m>.json`` holds the parity numbers per task and, for quantized bases, the
+accuracy of the naive "fold LoRA into the weights, re-quantize" form.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+from cpet import io
+from cpet.config import Params
+from cpet.stages.common import task_views
+from cpet.stages.recover import OUT_DIR as RECOVER_DIR
+
+OUT_DIR = Path("models") / "onnx"
+REPORT_DIR = Path("reports") / "export"
+META = "cpet_export.json"
+
+
+def quantized_linears(records) -> int:
+    return sum(1 for r in (records or {}).values() if r.quant is not None and r.kind == "linear")
+
+
+def write_onnx(model, records, tokenizer, out: Path, meta: dict) -> dict:
+    """Deployment form of ``model`` (a bundle or bare model on a base with ``records``) into ``out``."""
+    from cpet.export import deploy_model
+    from cpet.export.onnx import export_onnx, folder_bytes
+
+    t0 = time.perf_counter()
+    graph = export_onnx(deploy_model(model, records, "onnx"), out, expect_nbits=quantized_linears(records))
+    tokenizer.save_pretrained(out)
+    io.write_json(out / META, meta)
+    return {**graph, "bytes": folder_bytes(out), "export_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def export_task(params: Params, root: Path, method: str, cm, view, tokenizer, out: Path) -> dict:
+    """Export one task's bundle, then run the parity check (raises beyond tolerance)."""
+    from cpet.export import check, parity, plain_model, torch_last_logits
+    from cpet.export.onnx import OnnxLM, session
+    from cpet.pet import load_bundle
+
+    cfg = params.export
+    bundle = load_bundle(copy.deepcopy(cm.model), root / RECOVER_DIR / method / view.name / cfg.variant)
+    meta = {"task": view.name, "compression": method, "variant": cfg.variant, "template": view.template,
+            "labels": list(view.verbalizer.labels), "label_token_ids": list(view.verbalizer.token_ids),
+            "max_length": cfg.max_length}
+    graph = write_onnx(bundle, cm.records, tokenizer, out, meta)
+    others = {}
+    if cfg.naive_baseline and quantized_linears(cm.records):
+        # float weights on the new grid: the values a packed deployment would compute with, faster here
+        others["naive_requantized"] = torch_last_logits(plain_model(bundle, cm.records, requantize=True)[0])
+    rows = view.rows(cfg.split)[: cfg.max_examples]
+    onnx_lm = OnnxLM(session(out, "cpu"))
+    t0 = time.perf_counter()
+    result = parity(torch_last_logits(bundle), onnx_lm.last_logits, tokenizer, rows, view.template,
+                    view.verbalizer, max_length=cfg.max_length, batch_size=cfg.batch_size, others=others)
+    result["parity_seconds"] = round(time.perf_counter() - t0, 1)
+    check(result, cfg.tolerance, f"export {method}/{view.name}")
+    print(f"export {method}/{view.name}: max|diff| {result['max_abs_logit_diff']:.2e}, "
+          f"top-1 {result['top1_agreement']:.3f}, acc torch {result['accuracy_torch']:.3f} "
+          f"onnx {result['accuracy_onnx']:.3f} ({graph['export_seconds']} s export, "
+          f"{result['parity_seconds']} s parity)", flush=True)
+    return {"split": cfg.split, **result, "graph": graph}
+
+
+def export(params: Params, root: str | Path = ".", method: str | None = None) -> dict:
+    from transformers import AutoTokenizer
+
+    from cpet.compress import load_compressed_model
+
+    root = Path(root)
+    tokenizer = AutoTokenizer.from_pretrained(root / "models/base")
+    views = task_views(params, root, tokenizer)
+    out: dict = {}
+    for name in params.recover_methods():
+        if method not in (None, name):
+            continue
+        cm = load_compressed_model(root / "models" / "compressed" / name)
+        with io.atomic_dir(root / OUT_DIR / name) as tmp:
+            metrics = {view.name: export_task(params, root, name, cm, view, tokenizer, tmp / view.name)
+                       for view in views}
+        io.write_json(root / REPORT_DIR / f"{name}.json", metrics)
+        out[name] = metrics
+    return out

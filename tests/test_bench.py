@@ -1,0 +1,42 @@
+"""cpet bench on the tiny project: well-formed rows for every variant x runtime x batch."""
+
+import json
+
+from cpet.config import parse_params
+from cpet.stages import STAGES
+
+KEYS = {"variant", "compression", "runtime", "batch", "seq_len", "p50_ms", "p90_ms", "throughput", "bytes"}
+
+
+def test_bench_rows_are_well_formed(tiny_project):
+    root, params = tiny_project
+    raw = params.model_dump(by_alias=True)
+    raw["compress"]["methods"] = {"int8": raw["compress"]["methods"]["int8"]}  # one method, one
+    raw["recover"]["variants"] = ["compressed+cpet"]                            # variant: a short test
+    raw["bench"].update(batch_sizes=[1, 4], seq_len=8, warmup=1, repeats=3, threads=1, memory=True)
+    params = parse_params(raw)
+    for name in ("compress", "teacher", "recover", "export"):
+        STAGES[name](params, root)
+    metrics = STAGES["bench"](params, root)
+
+    rows = json.loads((root / "reports/bench.json").read_text())
+    models = {("original+pet", "none"), ("compressed", "int8"), ("compressed+cpet", "int8")}
+    assert metrics["rows"] == len(rows) == len(models) * 2 * 2  # x runtimes x batch sizes (no GPU here)
+    assert {(r["variant"], r["compression"]) for r in rows} == models
+    assert {r["runtime"] for r in rows} == {"torch", "onnxruntime"}  # a CPU host never reports GPU rows
+    for r in rows:
+        assert KEYS <= set(r)
+        assert r["seq_len"] == 8 and r["batch"] in (1, 4)
+        assert 0 < r["p50_ms"] <= r["p90_ms"]
+        assert abs(r["throughput"] - r["batch"] * 8 / (r["p50_ms"] / 1000)) <= 0.1
+        assert r["bytes"] > 0 and r["peak_mem_mb"] > 0
+    size = {(r["variant"], r["compression"], r["runtime"]): r["bytes"] for r in rows}
+    # int8 weights: the ONNX model (MatMulNBits) is smaller than the float original's
+    assert size[("compressed", "int8", "onnxruntime")] < size[("original+pet", "none", "onnxruntime")]
+    md = (root / "reports/bench.md").read_text()
+    assert "## batch 1" in md and "## batch 4" in md and "| compressed+cpet | int8 | onnxruntime |" in md
+    assert "What CPET's modules cost" in md
+    assert (root / "models/bench/original+pet/none/model.onnx").is_file()
+    serving = json.loads((root / "reports/serve_memory.json").read_text())["int8"]
+    assert serving["tasks"] == ["tiny"] and serving["shared"]["model_mb"] > 0 and serving["merged"]["model_mb"] > 0
+    assert "Serving many tasks on one compressed base" in md

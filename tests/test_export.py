@@ -1,0 +1,185 @@
+"""Export: the exact deployment form, ONNX parity per compression family, the export stage."""
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from cpet.compress import compress
+from cpet.config import parse_params
+from cpet.errors import CpetError
+from cpet.export import deploy_model, layer_terms
+from cpet.pet import LoraSettings, RecoverySettings, attach_lora, attach_recovery
+
+IDS = torch.tensor([[5, 9, 3, 17, 2, 8, 11, 4], [7, 1, 12, 6, 30, 2, 0, 0]])
+MASK = torch.tensor([[1] * 8, [1] * 6 + [0] * 2])
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=40, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def bundle_on(base: torch.nn.Module, act: str = "gelu", recovery: bool = True, seed: int = 1):
+    """LoRA (+ recovery) with random, non-zero factors: a trained bundle's shape without training."""
+    model = attach_recovery(base, RecoverySettings(rank=4, act=act)) if recovery else base
+    model = attach_lora(model, LoraSettings(rank=4, alpha=8.0, dropout=0.0))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "rec_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model.eval()
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS, attention_mask=MASK).logits[MASK.bool()]
+
+
+METHODS = {
+    "int8": {"method": "int8"},
+    "int4": {"method": "int4", "group_size": 32, "algorithm": "rtn"},
+    "int3": {"method": "int3", "group_size": 64, "algorithm": "rtn"},
+    "unstructured": {"method": "unstructured", "sparsity": 0.5},
+    "2:4": {"method": "2:4"},
+    "structured": {"method": "structured", "heads_ratio": 0.5, "ffn_ratio": 0.25, "importance": "magnitude"},
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_onnx_parity_per_method(method, tmp_path):
+    """Bundle (LoRA + GELU recovery) on each compressed base: ORT logits == PyTorch logits."""
+    from cpet.export.onnx import OnnxLM, export_onnx, session
+    from cpet.stages.export import quantized_linears
+
+    cm = compress(tiny_llama(), METHODS[method], name=method)
+    bundle = bundle_on(copy.deepcopy(cm.model))
+    graph = export_onnx(deploy_model(bundle, cm.records, "onnx"), tmp_path / method,
+                        expect_nbits=quantized_linears(cm.records))
+    assert graph["matmul_nbits"] == (14 if method.startswith("int") else 0)
+    import onnx
+
+    inits = onnx.load(str(tmp_path / method / "model.onnx")).graph.initializer
+    assert sum(40 in i.dims for i in inits) == 1  # tied LM head = Transpose(embedding), stored once
+    ort_logits = OnnxLM(session(tmp_path / method))(IDS, MASK)[MASK.bool()]
+    torch.testing.assert_close(ort_logits, logits(bundle), atol=1e-4, rtol=0)
+    # the PyTorch deployment form (packed weights, side paths) computes the same
+    torch.testing.assert_close(logits(deploy_model(bundle, cm.records, "torch")), logits(bundle), atol=1e-4, rtol=0)
+
+
+def test_ort_model_for_causal_lm_loads_the_export(tmp_path):
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    from cpet.export.onnx import export_onnx
+
+    cm = compress(tiny_llama(), METHODS["int4"], name="int4")
+    bundle = bundle_on(copy.deepcopy(cm.model))
+    export_onnx(deploy_model(bundle, cm.records, "onnx"), tmp_path, expect_nbits=14)
+    ort_model = ORTModelForCausalLM.from_pretrained(tmp_path, use_cache=False, use_io_binding=False)
+    out = ort_model(input_ids=IDS, attention_mask=MASK).logits
+    torch.testing.assert_close(out[MASK.bool()], logits(bundle), atol=1e-4, rtol=0)
+
+
+def test_cpu_fallback_is_never_reported_as_gpu(tmp_path):
+    """Asking for CUDA where ORT has none (this CPU host; also checked on a GPU host whose ORT build
+    is CPU-only) gets CPU from ORT: cpet refuses instead of labelling it GPU."""
+    from cpet.export.onnx import cuda_usable, export_onnx, session
+
+    export_onnx(deploy_model(tiny_llama()), tmp_path)
+    if cuda_usable():
+        pytest.skip("a usable CUDA provider is present")
+    assert session(tmp_path, "cpu").get_providers() == ["CPUExecutionProvider"]
+    with pytest.raises(CpetError, match="fell back to CPUExecutionProvider instead of CUDA"):
+        session(tmp_path, "cuda")
+
+
+def test_exact_merge_on_a_float_base():
+    """LoRA + identity recovery fold into float weights: merged == unmerged, and no side path is left."""
+    cm = compress(tiny_llama(), METHODS["structured"], name="structured")
+    bundle = bundle_on(copy.deepcopy(cm.model), act="identity")
+    merged = deploy_model(bundle, cm.records, "torch")
+    assert not [n for n, _ in merged.named_modules() if n.endswith(".sides")]
+    assert type(merged.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    torch.testing.assert_close(logits(merged), logits(bundle), atol=1e-5, rtol=1e-5)
+
+
+def test_quantized_base_keeps_its_grid_and_naive_requantizing_does_not():
+    """On int4 the linear terms become one stacked side path (exact); fold-then-requantize is not."""
+    cm = compress(tiny_llama(), METHODS["int4"], name="int4")
+    bundle = bundle_on(copy.deepcopy(cm.model), act="identity")
+    terms = layer_terms(bundle)["model.layers.0.self_attn.q_proj"][1]
+    assert [t.act for t in terms] == ["identity", "identity"]  # LoRA and recovery
+    exact = deploy_model(bundle, cm.records, "torch")
+    q_proj = exact.model.layers[0].self_attn.q_proj
+    assert len(q_proj.sides) == 1 and q_proj.sides[0].A.weight.shape[0] == 8  # ranks 4 + 4 stacked
+    torch.testing.assert_close(logits(exact), logits(bundle), atol=1e-5, rtol=1e-5)
+    naive = deploy_model(bundle, cm.records, "torch", requantize=True)
+    gap = (logits(naive) - logits(bundle)).abs().max()
+    assert gap > 100 * (logits(exact) - logits(bundle)).abs().max()
+
+
+def test_gelu_recovery_is_never_folded():
+    cm = compress(tiny_llama(), METHODS["unstructured"], name="unstructured")
+    bundle = bundle_on(copy.deepcopy(cm.model), act="gelu")
+    down = deploy_model(bundle, cm.records, "torch").model.layers[0].mlp.down_proj
+    assert len(down.sides) == 1 and isinstance(down.sides[0].act, torch.nn.GELU)
+
+
+def test_merged_adapters_are_refused():
+    bundle = bundle_on(tiny_llama(), recovery=False)
+    bundle.merge_adapter()
+    with pytest.raises(CpetError, match="already merged"):
+        deploy_model(bundle)
+
+
+@pytest.fixture
+def recovered(tiny_project):
+    root, params = tiny_project
+    from cpet.stages import STAGES
+
+    raw = params.model_dump(by_alias=True)
+    raw["recover"]["variants"] = ["compressed+cpet"]  # the exported variant only: keeps the test short
+    params = parse_params(raw)
+    for name in ("compress", "teacher", "recover"):
+        STAGES[name](params, root)
+    return root, params
+
+
+def _with(params, **export):
+    raw = params.model_dump(by_alias=True)
+    raw["export"].update(export)
+    return parse_params(raw)
+
+
+def test_export_stage_checks_parity_and_writes_models(recovered):
+    """Beyond tolerance the stage fails with one clear line and writes nothing; within it, every
+    task's ONNX model and the parity report are written."""
+    from cpet.stages import STAGES
+
+    root, params = recovered
+    strict = _with(params, tolerance={"max_abs_logit_diff": 1e-12, "min_top1_agreement": 1.0,
+                                      "max_accuracy_drop": 0.0})
+    with pytest.raises(CpetError, match=r"export int8/tiny: ONNX parity check failed \(max \|logit diff\|"):
+        STAGES["export"](strict, root, method="int8")
+    assert not (root / "models/onnx/int8").exists()
+    assert not (root / "reports/export/int8.json").exists()
+    assert not list((root / "models/onnx").glob(".int8*"))  # no temporary folder left behind
+
+    metrics = STAGES["export"](params, root)
+    for method in ("int8", "struct"):
+        report = json.loads((root / f"reports/export/{method}.json").read_text())
+        row = report["tiny"]
+        assert row["top1_agreement"] == 1.0 and row["max_abs_logit_diff"] < 1e-3
+        assert row["accuracy_torch"] == row["accuracy_onnx"] == metrics[method]["tiny"]["accuracy_onnx"]
+        folder = root / f"models/onnx/{method}/tiny"
+        meta = json.loads((folder / "cpet_export.json").read_text())
+        assert meta["variant"] == "compressed+cpet" and meta["labels"] == ["neg", "pos"]
+        assert (folder / "model.onnx").is_file() and (folder / "tokenizer.json").is_file()
+    assert "accuracy_naive_requantized" in json.loads((root / "reports/export/int8.json").read_text())["tiny"]
+    assert "accuracy_naive_requantized" not in json.loads((root / "reports/export/struct.json").read_text())["tiny"]
