@@ -72,11 +72,6 @@ class TaskSwitchLinear(nn.Module):
         return y
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 class MultiTaskModel(nn.Module):
     """A deployment-form base with switchable per-task side paths."""
 
@@ -92,7 +87,7 @@ class MultiTaskModel(nn.Module):
             layer = self.model.get_submodule(name)
             if not isinstance(layer, TaskSwitchLinear):
                 layer = TaskSwitchLinear(layer)
-                _set(self.model, name, layer)
+                self.model.set_submodule(name, layer)
             lin = stack(terms)
             layer.add(task, [SidePath(t, dtype) for t in ([lin] if lin else []) + [t for t in terms
                                                                                    if t.act != "identity"]])

@@ -127,11 +127,6 @@ class SideLinear(nn.Module):
         return y
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def _float_linear(linear: nn.Linear, weight: torch.Tensor) -> nn.Linear:
     new = copy.deepcopy(linear)
     with torch.no_grad():
@@ -174,7 +169,7 @@ def plain_model(model: nn.Module, records: dict[str, WeightRecord] | None,
             lin = stack(ts)
             sides = ([lin] if lin is not None else []) + sides
         module = SideLinear(new_base, [SidePath(t, dtype) for t in sides]) if sides else new_base
-        _set(work, name, module)
+        work.set_submodule(name, module)
         if sides and name in renamed:
             renamed[f"{name}.base"] = renamed.pop(name)
     if hasattr(work, "_cpet_recovery_config"):
@@ -198,5 +193,5 @@ def deploy_model(model: nn.Module, records: dict[str, WeightRecord] | None = Non
     from cpet.export.nbits import NBitsLinear
 
     for name, rec in renamed.items():
-        _set(work, name, NBitsLinear(work.get_submodule(name), rec.quant))
+        work.set_submodule(name, NBitsLinear(work.get_submodule(name), rec.quant))
     return work.requires_grad_(False)
