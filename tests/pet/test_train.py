@@ -97,6 +97,48 @@ def test_bf16_mixed_precision_learns_with_float32_weights(data, verbalizer):
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
+def test_validation_runs_under_the_training_autocast(data, verbalizer):
+    model = _student(dropout=0.0)
+    seen = []
+
+    def evaluate(m):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return 0.0
+    train(model, data, TaskLoss(verbalizer), _cfg(steps=2, eval_every=1, checkpoint_every=0, mixed_precision="bf16"),
+          evaluate=evaluate, progress=False)
+    assert seen == [True, True]
+
+
+def test_attention_kernel_is_used_while_training_and_restored_after(data, verbalizer):
+    sdpa, eager = _student(dropout=0.0), _student(dropout=0.0)
+    own = sdpa.get_base_model().config._attn_implementation
+    assert own != "eager"  # tiny models load with sdpa, like real ones
+    kernels, losses = [], {}
+    loss_fn = TaskLoss(verbalizer)
+
+    def recording(m, b):
+        kernels.append(m.get_base_model().config._attn_implementation)
+        loss, logs = loss_fn(m, b)
+        losses.setdefault(kernels[-1], float(loss.detach()))
+        return loss, logs
+    train(sdpa, data, recording, _cfg(steps=2, eval_every=0, checkpoint_every=0), progress=False)
+    train(eager, data, recording, _cfg(steps=2, eval_every=0, checkpoint_every=0, attn_implementation="eager"),
+          progress=False)
+    assert kernels == [own, own, "eager", "eager"]
+    assert losses["eager"] == pytest.approx(losses[own], rel=1e-5)  # same model, same first batch
+    assert eager.get_base_model().config._attn_implementation == own
+
+
+def test_attention_kernel_needs_a_transformers_model(data, verbalizer):
+    class Bare(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+    with pytest.raises(CpetError, match="attn_implementation 'eager' needs a transformers model"):
+        train(Bare(), data, lambda m, b: (m.w.sum(), {}), _cfg(attn_implementation="eager"), progress=False)
+
+
 def test_interrupted_run_resumes_to_identical_weights(tmp_path, data, verbalizer, tok):
     loss_fn, evaluate = TaskLoss(verbalizer), _accuracy(tok, verbalizer)
     full = _student()

@@ -20,8 +20,12 @@ from cpet.stages.teacher import OUT_DIR as TEACHER_DIR
 RESULTS = Path("reports") / "results"
 
 
-def _score(model, ev, n_labels: int) -> dict:
-    pred = ev.scores(model).argmax(1).tolist()
+def _score(model, ev, n_labels: int, mixed_precision: str) -> dict:
+    import torch
+
+    device = next(model.parameters()).device.type
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=mixed_precision == "bf16"):
+        pred = ev.scores(model).argmax(1).tolist()
     return accuracy_f1(ev.labels, pred, n_labels)
 
 
@@ -37,7 +41,8 @@ def evaluate(params: Params, root: str | Path = ".") -> dict:
     split = params.evaluate.split
     rows = []
 
-    def add(task, compression, variant, metrics):
+    def add(task, ev, n, compression, variant, model):
+        metrics = _score(model, ev, n, cfg.mixed_precision)
         rows.append({"task": task, "compression": compression, "variant": variant, "split": split,
                      "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]})
         print(f"evaluate {task} {compression} {variant}: {metrics['accuracy']:.3f}", flush=True)
@@ -46,18 +51,18 @@ def evaluate(params: Params, root: str | Path = ".") -> dict:
         ev = evaluator(view, tokenizer, split, cfg.max_length, cfg.batch_size)  # tokenized once
         n = len(view.verbalizer.labels)
         model = load_adapter(load_base(root)[0], root / TEACHER_DIR / view.name / "adapter")
-        add(view.name, "none", "original+pet", _score(model, ev, n))
+        add(view.name, ev, n, "none", "original+pet", model)
         for method in params.recover_methods():
             model = load_adapter(load_compressed_base(root, method)[0], root / INHERIT_DIR / method / view.name)
-            add(view.name, method, "compressed+inherit-only", _score(model, ev, n))
+            add(view.name, ev, n, method, "compressed+inherit-only", model)
             for variant in params.recover.variants:
                 bundle = root / RECOVER_DIR / method / view.name / variant
                 model = load_bundle(load_compressed_base(root, method)[0], bundle)
-                add(view.name, method, variant, _score(model, ev, n))
+                add(view.name, ev, n, method, variant, model)
     io.write_json(root / "reports" / "results.json", rows)
-    io.write_text(root / "reports" / "results.md", markdown(rows))
+    io.write_text(root / "reports" / "results.md", markdown(rows, cfg.mixed_precision))
     plot(rows, root / "reports" / "results.png")
-    metrics = {"rows": len(rows), "recovery_ratio": recovery_ratios(rows)}
+    metrics = {"rows": len(rows), "mixed_precision": cfg.mixed_precision, "recovery_ratio": recovery_ratios(rows)}
     io.write_json(root / "reports" / "evaluate.json", metrics)
     return metrics
 
@@ -77,9 +82,10 @@ def recovery_ratios(rows: list[dict]) -> dict:
     return out
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], mixed_precision: str = "no") -> str:
     ratios = recovery_ratios(rows)
-    out = ["# CPET comparison", ""]
+    numerics = "bf16 autocast, as in training" if mixed_precision == "bf16" else "float32"
+    out = ["# CPET comparison", "", f"Forward passes in {numerics} (params.yaml evaluate.mixed_precision).", ""]
     for task in dict.fromkeys(r["task"] for r in rows):
         mine = [r for r in rows if r["task"] == task]
         comps = [c for c in dict.fromkeys(r["compression"] for r in mine) if c != "none"]

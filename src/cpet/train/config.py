@@ -24,8 +24,11 @@ class TrainConfig(BaseModel):
     max_length: int = Field(128, ge=2, description="prompt tokens (TokenizedExamples, teacher cache); texts cut to fit")
     restore_best: bool = Field(True, description="end with the trainable weights of the best validation step")
     mixed_precision: Literal["no", "bf16"] = Field(
-        "no", description="bf16 = forward/backward under torch.autocast(bfloat16); weights, optimizer and "
-        "validation stay float32")
+        "no", description="bf16 = forward/backward and validation under torch.autocast(bfloat16); weights "
+        "and optimizer stay float32")
+    attn_implementation: str | None = Field(
+        None, description="transformers attention kernel while training (eager, sdpa, flash_attention_2, ...); "
+        "null = the model's own; restored afterwards")
 
     @model_validator(mode="after")
     def _warmup_within_steps(self):

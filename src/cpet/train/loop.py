@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +65,30 @@ def linear_warmup_decay(warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
+@contextmanager
+def attention_kernel(model: nn.Module, impl: str | None) -> Iterator[None]:
+    """Run ``model`` (or the transformers model inside a peft wrapper) with attention ``impl``
+    (``eager``, ``sdpa``, ...) and restore its own afterwards; ``None`` changes nothing.
+
+    Why: on CPU, torch's SDPA backward for short prompts costs ~19% of a LoRA step
+    (SmolLM2-135M, 8 x ~35 tokens: 0.86 s sdpa vs 0.70 s eager per step); inference is equal.
+    """
+    if impl is None:
+        yield
+        return
+    from transformers import PreTrainedModel
+
+    hf = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if hf is None:
+        raise CpetError(f"attn_implementation {impl!r} needs a transformers model, got {type(model).__name__}")
+    own = hf.config._attn_implementation
+    hf.set_attn_implementation(impl)
+    try:
+        yield
+    finally:
+        hf.set_attn_implementation(own)
+
+
 def _better(metric: float, best: float | None) -> bool:
     return best is None or metric > best
 
@@ -74,7 +99,7 @@ def train(model: nn.Module, data: TokenizedExamples, loss_fn: LossFn, config: Tr
     """Train ``model``'s trainable set in place; resume from ``checkpoint_dir`` when it holds one.
 
     ``evaluate(model) -> metric`` (higher is better) runs on the main process every
-    ``eval_every`` steps and at the end; the best step's trainable weights are kept and, with
+    ``eval_every`` steps and at the end, under the same autocast as the training step; the best step's trainable weights are kept and, with
     ``restore_best``, loaded at the end. Without ``evaluate`` the last weights are kept.
     """
     from accelerate import Accelerator
@@ -108,41 +133,47 @@ def train(model: nn.Module, data: TokenizedExamples, loss_fn: LossFn, config: Tr
     bar = tqdm(total=config.steps, initial=state.step, disable=not (progress and acc.is_main_process),
                desc="train", dynamic_ncols=True)
     t0, seen, loss_value = time.perf_counter(), 0, math.nan
-    while state.step < config.steps:
-        rows = order.step_rows(state.step, config.batch_size, rank, world)
-        batch = {k: v.to(acc.device) for k, v in data.batch(rows).items()}
-        wrapped.train()
-        with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16"):
-            loss, logs = loss_fn(wrapped, batch)
-        acc.backward(loss)
-        if config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(clip, config.max_grad_norm)  # DDP grads are already averaged
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        state.data_position = state.step * world * config.batch_size
-        seen += len(rows) * world
-        loss_value = float(loss.detach())
-        rate = seen / (time.perf_counter() - t0)
-        bar.set_postfix(loss=f"{loss_value:.4f}", ex_s=f"{rate:.1f}", refresh=False)
-        bar.update(1)
 
-        last = state.step == config.steps
-        if evaluate is not None and (last or (config.eval_every and state.step % config.eval_every == 0)):
-            metric = [evaluate(acc.unwrap_model(wrapped)) if acc.is_main_process else None]
-            metric = broadcast_object_list(metric)[0] if world > 1 else metric[0]
-            state.history.append({"step": state.step, "metric": metric, "loss": loss_value, **logs})
-            if _better(metric, state.best_metric):
-                state.best_metric, state.best_step = metric, state.step
-                best = {n: p.detach().clone() for n, p in params.items()}
-        due = last or (config.checkpoint_every and state.step % config.checkpoint_every == 0)
-        if checkpoint_dir is not None and due:
-            rngs = gather_object([checkpoint.rng_state()]) if world > 1 else [checkpoint.rng_state()]
-            if acc.is_main_process:
-                checkpoint.save(checkpoint_dir, state=state, params=params, best=best, optimizer=optimizer,
-                                scheduler=scheduler, rng=rngs, meta=meta)
-            acc.wait_for_everyone()
+    def autocast():
+        return torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16")
+
+    with attention_kernel(model, config.attn_implementation):
+        while state.step < config.steps:
+            rows = order.step_rows(state.step, config.batch_size, rank, world)
+            batch = {k: v.to(acc.device) for k, v in data.batch(rows).items()}
+            wrapped.train()
+            with autocast():
+                loss, logs = loss_fn(wrapped, batch)
+            acc.backward(loss)
+            if config.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(clip, config.max_grad_norm)  # DDP grads are already averaged
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.data_position = state.step * world * config.batch_size
+            seen += len(rows) * world
+            loss_value = float(loss.detach())
+            rate = seen / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{loss_value:.4f}", ex_s=f"{rate:.1f}", refresh=False)
+            bar.update(1)
+
+            last = state.step == config.steps
+            if evaluate is not None and (last or (config.eval_every and state.step % config.eval_every == 0)):
+                with autocast():
+                    metric = [evaluate(acc.unwrap_model(wrapped)) if acc.is_main_process else None]
+                metric = broadcast_object_list(metric)[0] if world > 1 else metric[0]
+                state.history.append({"step": state.step, "metric": metric, "loss": loss_value, **logs})
+                if _better(metric, state.best_metric):
+                    state.best_metric, state.best_step = metric, state.step
+                    best = {n: p.detach().clone() for n, p in params.items()}
+            due = last or (config.checkpoint_every and state.step % config.checkpoint_every == 0)
+            if checkpoint_dir is not None and due:
+                rngs = gather_object([checkpoint.rng_state()]) if world > 1 else [checkpoint.rng_state()]
+                if acc.is_main_process:
+                    checkpoint.save(checkpoint_dir, state=state, params=params, best=best, optimizer=optimizer,
+                                    scheduler=scheduler, rng=rngs, meta=meta)
+                acc.wait_for_everyone()
     bar.close()
     elapsed = time.perf_counter() - t0
     if config.restore_best and best is not None:
