@@ -27,7 +27,11 @@ def test_cpet_pipeline_writes_every_variant(pipeline_root):
         assert set(r) == {"task", "compression", "variant", "split", "accuracy", "macro_f1"}
         assert r["split"] == "test" and 0 <= r["accuracy"] <= 1
     md = (root / "reports/results.md").read_text()
-    assert "recovery ratio" in md and "| compressed+cpet |" in md
+    assert "recovery ratio" in md and "| compressed+cpet |" in md and "McNemar p" in md
+    assert set(metrics["cpet_vs_pet"]["tiny"]) == {"int8", "struct"}
+    for test in metrics["cpet_vs_pet"]["tiny"].values():  # both counts are out of the test split's rows
+        n_test = len((root / "data/processed/tiny/test.jsonl").read_text().splitlines())
+        assert test["only_first_right"] + test["only_second_right"] <= n_test and 0 < test["p_value"] <= 1
     assert (root / "reports/results.png").stat().st_size > 1000
     teacher = json.loads((root / "reports/teacher/tiny.json").read_text())
     assert teacher["train"]["steps"] == 6 and teacher["train"]["best_step"] in (3, 6)
@@ -46,6 +50,22 @@ def test_cpet_pipeline_writes_every_variant(pipeline_root):
     model = load_bundle(load_compressed_base(root, "struct")[0], bundle)
     assert recovery_layers(model)
     assert any(float(p.abs().sum()) > 0 for n, p in model.named_parameters() if "rec_B" in n)
+
+
+def test_mcnemar_counts_only_disagreements():
+    from cpet.stages.evaluate import mcnemar
+
+    gold = [1] * 30
+    same = [1] * 20 + [0] * 10
+    assert mcnemar(gold, same, same) == {"only_first_right": 0, "only_second_right": 0, "p_value": 1.0}
+    better = [1] * 30  # right on the 10 that `same` gets wrong, wrong nowhere else
+    out = mcnemar(gold, same, better)
+    assert (out["only_first_right"], out["only_second_right"]) == (0, 10)
+    assert out["p_value"] == pytest.approx(2 * 0.5**10)  # 10 of 10 coin flips one way, two-sided
+    assert mcnemar(gold, better, same)["p_value"] == pytest.approx(out["p_value"])
+    mixed = [1] * 15 + [0] * 5 + [1] * 6 + [0] * 4  # vs `same`: 5 lost, 6 gained
+    out = mcnemar(gold, same, mixed)
+    assert (out["only_first_right"], out["only_second_right"]) == (5, 6) and out["p_value"] == pytest.approx(1.0)
 
 
 def test_recover_resumes_from_checkpoint(tiny_project):

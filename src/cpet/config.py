@@ -227,8 +227,9 @@ class EvaluateConfig(Section):
     split: Literal["validation", "test"]
     batch_size: int = Field(gt=0)
     max_length: int = Field(gt=0)
-    mixed_precision: Literal["no", "bf16"] = Field(
-        "no", description="bf16 = forward passes under torch.autocast(bfloat16), as in training; no = float32")
+    mixed_precision: Literal["no", "bf16", "auto"] = Field(
+        "no", description="bf16 = forward passes under torch.autocast(bfloat16), as in training; no = float32; "
+        "auto = bf16 where the device computes it natively")
 
 
 # --------------------------------------------------------------------------- tracking / registry

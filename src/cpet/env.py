@@ -42,3 +42,23 @@ def device():
 
         raise ConfigError(f"CPET_DEVICE: {want!r} asked for, but torch sees no CUDA GPU")
     return dev
+
+
+def bf16_native(dev) -> bool:
+    """Whether ``dev`` (a torch device or its type) computes bfloat16 in hardware: a CUDA GPU that
+    supports it, or a CPU with AVX512-BF16/AMX (oneDNN's check). Elsewhere autocast to bf16 is
+    emulated and can be slower than float32."""
+    import torch
+
+    kind = getattr(dev, "type", str(dev))
+    if kind == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if kind == "cpu":
+        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        return bool(check()) if check is not None else False
+    return False
+
+
+def use_bf16(mixed_precision: str, dev) -> bool:
+    """Resolve a ``mixed_precision`` setting: ``bf16`` always, ``no`` never, ``auto`` where native."""
+    return mixed_precision == "bf16" or (mixed_precision == "auto" and bf16_native(dev))

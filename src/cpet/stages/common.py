@@ -111,7 +111,8 @@ def train_adapter(model, tokenizer, view: TaskView, config, ckpt: Path, loss_fn=
                    checkpoint_dir=ckpt)
     return {"steps": result.steps, "best_step": result.best_step,
             "best_validation_accuracy": result.best_metric, "final_loss": result.final_loss,
-            "examples_per_s": round(result.examples_per_s, 2), "resumed_from": result.resumed_from}
+            "examples_per_s": round(result.examples_per_s, 2), "resumed_from": result.resumed_from,
+            "bf16": result.bf16}
 
 
 def load_compressed_base(root: Path, method: str):

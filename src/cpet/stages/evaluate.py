@@ -2,7 +2,9 @@
 
 Writes ``reports/results.json`` (rows ``{"task", "compression", "variant", "split", "accuracy",
 "macro_f1"}``), ``reports/results.md`` (a table per task with the recovery ratio
-``(cpet - pet) / (original - pet)`` per compression method) and ``reports/results.png``.
+``(cpet - pet) / (original - pet)`` per compression method and an exact McNemar test of CPET
+against vanilla PET on the same test examples) and ``reports/results.png``; ``reports/evaluate.json``
+holds the ratios, the tests and the numerics used (``evaluate.mixed_precision``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 
 from cpet import io
 from cpet.config import Params
+from cpet.env import device, use_bf16
 from cpet.lmcls import accuracy_f1
 from cpet.stages.common import evaluator, load_base, load_compressed_base, task_views
 from cpet.stages.inherit import OUT_DIR as INHERIT_DIR
@@ -20,13 +23,23 @@ from cpet.stages.teacher import OUT_DIR as TEACHER_DIR
 RESULTS = Path("reports") / "results"
 
 
-def _score(model, ev, n_labels: int, mixed_precision: str) -> dict:
+def _predict(model, ev, bf16: bool) -> list[int]:
     import torch
 
-    device = next(model.parameters()).device.type
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=mixed_precision == "bf16"):
-        pred = ev.scores(model).argmax(1).tolist()
-    return accuracy_f1(ev.labels, pred, n_labels)
+    kind = next(model.parameters()).device.type
+    with torch.autocast(kind, dtype=torch.bfloat16, enabled=bf16):
+        return ev.scores(model).argmax(1).tolist()
+
+
+def mcnemar(gold: list[int], a: list[int], b: list[int]) -> dict:
+    """Exact two-sided McNemar test of two classifiers on the same examples: only the examples
+    exactly one of them gets right count; under "equally good" each such example is a fair coin."""
+    from scipy.stats import binomtest
+
+    only_a = sum(x == g != y for g, x, y in zip(gold, a, b, strict=True))
+    only_b = sum(y == g != x for g, x, y in zip(gold, a, b, strict=True))
+    p = binomtest(only_b, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+    return {"only_first_right": only_a, "only_second_right": only_b, "p_value": float(p)}
 
 
 def evaluate(params: Params, root: str | Path = ".") -> dict:
@@ -39,10 +52,12 @@ def evaluate(params: Params, root: str | Path = ".") -> dict:
     views = task_views(params, root, tokenizer)
     cfg = params.evaluate
     split = params.evaluate.split
-    rows = []
+    bf16 = use_bf16(cfg.mixed_precision, device())
+    rows, paired = [], {}
 
     def add(task, ev, n, compression, variant, model):
-        metrics = _score(model, ev, n, cfg.mixed_precision)
+        preds[variant] = _predict(model, ev, bf16)
+        metrics = accuracy_f1(ev.labels, preds[variant], n)
         rows.append({"task": task, "compression": compression, "variant": variant, "split": split,
                      "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]})
         print(f"evaluate {task} {compression} {variant}: {metrics['accuracy']:.3f}", flush=True)
@@ -50,6 +65,7 @@ def evaluate(params: Params, root: str | Path = ".") -> dict:
     for view in views:
         ev = evaluator(view, tokenizer, split, cfg.max_length, cfg.batch_size)  # tokenized once
         n = len(view.verbalizer.labels)
+        preds: dict[str, list[int]] = {}  # variant -> predictions, of the current task and method
         model = load_adapter(load_base(root)[0], root / TEACHER_DIR / view.name / "adapter")
         add(view.name, ev, n, "none", "original+pet", model)
         for method in params.recover_methods():
@@ -59,10 +75,14 @@ def evaluate(params: Params, root: str | Path = ".") -> dict:
                 bundle = root / RECOVER_DIR / method / view.name / variant
                 model = load_bundle(load_compressed_base(root, method)[0], bundle)
                 add(view.name, ev, n, method, variant, model)
+            if {"compressed+pet", "compressed+cpet"} <= preds.keys():
+                paired.setdefault(view.name, {})[method] = mcnemar(ev.labels, preds["compressed+pet"],
+                                                                   preds["compressed+cpet"])
     io.write_json(root / "reports" / "results.json", rows)
-    io.write_text(root / "reports" / "results.md", markdown(rows, cfg.mixed_precision))
+    io.write_text(root / "reports" / "results.md", markdown(rows, "bf16" if bf16 else "no", paired))
     plot(rows, root / "reports" / "results.png")
-    metrics = {"rows": len(rows), "mixed_precision": cfg.mixed_precision, "recovery_ratio": recovery_ratios(rows)}
+    metrics = {"rows": len(rows), "mixed_precision": "bf16" if bf16 else "no",
+               "recovery_ratio": recovery_ratios(rows), "cpet_vs_pet": paired}
     io.write_json(root / "reports" / "evaluate.json", metrics)
     return metrics
 
@@ -82,7 +102,7 @@ def recovery_ratios(rows: list[dict]) -> dict:
     return out
 
 
-def markdown(rows: list[dict], mixed_precision: str = "no") -> str:
+def markdown(rows: list[dict], mixed_precision: str = "no", paired: dict | None = None) -> str:
     ratios = recovery_ratios(rows)
     numerics = "bf16 autocast, as in training" if mixed_precision == "bf16" else "float32"
     out = ["# CPET comparison", "", f"Forward passes in {numerics} (params.yaml evaluate.mixed_precision).", ""]
@@ -103,6 +123,12 @@ def markdown(rows: list[dict], mixed_precision: str = "no") -> str:
         cells = [ratios.get(task, {}).get(c) for c in comps]
         out.append("| recovery ratio (cpet-pet)/(orig-pet) | "
                    + " | ".join("n/a" if x is None else f"{x:.2f}" for x in cells) + " |")
+        tests = [(paired or {}).get(task, {}).get(c) for c in comps]
+        if any(tests):
+            out.append("| cpet vs pet: only-pet-right / only-cpet-right, McNemar p | "
+                       + " | ".join("" if t is None else
+                                    f"{t['only_first_right']} / {t['only_second_right']}, p = {t['p_value']:.2g}"
+                                    for t in tests) + " |")
         out.append("")
     return "\n".join(out)
 

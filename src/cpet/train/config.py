@@ -23,9 +23,9 @@ class TrainConfig(BaseModel):
     seed: int = Field(0, description="data order, dropout and init seed")
     max_length: int = Field(128, ge=2, description="prompt tokens (TokenizedExamples, teacher cache); texts cut to fit")
     restore_best: bool = Field(True, description="end with the trainable weights of the best validation step")
-    mixed_precision: Literal["no", "bf16"] = Field(
+    mixed_precision: Literal["no", "bf16", "auto"] = Field(
         "no", description="bf16 = forward/backward and validation under torch.autocast(bfloat16); weights "
-        "and optimizer stay float32")
+        "and optimizer stay float32; auto = bf16 where the device computes it natively (cpet.env.bf16_native)")
     attn_implementation: str | None = Field(
         None, description="transformers attention kernel while training (eager, sdpa, flash_attention_2, ...); "
         "null = the model's own; restored afterwards")

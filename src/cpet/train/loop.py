@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cpet.env import device
+from cpet.env import device, use_bf16
 from cpet.errors import CpetError
 from cpet.train import checkpoint
 from cpet.train.checkpoint import TrainState
@@ -40,6 +40,7 @@ class TrainResult:
     examples_per_s: float
     history: list[dict] = field(default_factory=list)
     resumed_from: int = 0
+    bf16: bool = False  # mixed_precision as resolved on this device
 
 
 def select_trainable(model: nn.Module, trainable: Iterable[str] | None) -> dict[str, nn.Parameter]:
@@ -134,8 +135,10 @@ def train(model: nn.Module, data: TokenizedExamples, loss_fn: LossFn, config: Tr
                desc="train", dynamic_ncols=True)
     t0, seen, loss_value = time.perf_counter(), 0, math.nan
 
+    bf16 = use_bf16(config.mixed_precision, acc.device)
+
     def autocast():
-        return torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16")
+        return torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=bf16)
 
     with attention_kernel(model, config.attn_implementation):
         while state.step < config.steps:
@@ -182,7 +185,7 @@ def train(model: nn.Module, data: TokenizedExamples, loss_fn: LossFn, config: Tr
                 p.copy_(best[n].to(p.device))
     return TrainResult(steps=state.step, best_metric=state.best_metric, best_step=state.best_step,
                        final_loss=loss_value, examples_per_s=seen / elapsed if seen else 0.0,
-                       history=state.history, resumed_from=resumed_from)
+                       history=state.history, resumed_from=resumed_from, bf16=bf16)
 
 
 def _check_compatible(old: dict, new: dict, where) -> None:
