@@ -100,8 +100,9 @@ def train(model: nn.Module, data: TokenizedExamples, loss_fn: LossFn, config: Tr
     """Train ``model``'s trainable set in place; resume from ``checkpoint_dir`` when it holds one.
 
     ``evaluate(model) -> metric`` (higher is better) runs on the main process every
-    ``eval_every`` steps and at the end, under the same autocast as the training step; the best step's trainable weights are kept and, with
-    ``restore_best``, loaded at the end. Without ``evaluate`` the last weights are kept.
+    ``eval_every`` steps and at the end, under the same autocast as the training step; the best
+    step's trainable weights are kept and, with ``restore_best``, loaded at the end. Without
+    ``evaluate`` the last weights are kept. ``config.attn_implementation`` applies for the run.
     """
     from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list, gather_object
