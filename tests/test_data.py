@@ -58,3 +58,28 @@ def test_atomic_dir_leaves_previous_on_failure(tmp_path):
             raise RuntimeError("killed")
     assert (target / "a.txt").read_text() == "first"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_sigterm_during_a_cli_run_leaves_no_partial_output(tmp_path):
+    """`kill` (SIGTERM) of a `cpet` process unwinds like Ctrl-C: the temporary folder goes."""
+    import signal
+    import subprocess
+    import sys
+
+    script = (
+        "import time\n"
+        "from cpet import io\n"
+        "from cpet.cli import raise_on_sigterm\n"
+        "raise_on_sigterm()\n"
+        f"with io.atomic_dir({str(tmp_path / 'out')!r}) as tmp:\n"
+        "    (tmp / 'half.bin').write_bytes(b'x')\n"
+        "    print('writing', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    assert len(list(tmp_path.iterdir())) == 1  # the temporary folder, mid-write
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) != 0
+    assert "KeyboardInterrupt: signal 15" in proc.stderr.read()
+    assert list(tmp_path.iterdir()) == []

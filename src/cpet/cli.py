@@ -53,8 +53,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def raise_on_sigterm() -> None:
+    """Make SIGTERM (``kill``, a scheduler cancelling the job) unwind like Ctrl-C: ``finally``
+    blocks run, so a stage's temporary output folder is removed and its MLflow run is marked
+    KILLED instead of the process vanishing mid-write. Main thread only (Python's rule)."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
     apply_quiet_defaults()
+    raise_on_sigterm()
     args = _parser().parse_args(argv)
     from cpet.config import load_params
     from cpet.stages import STAGES

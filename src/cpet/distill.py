@@ -17,7 +17,7 @@ Cache file (one safetensors file; tensors per example are ragged, concatenated a
     input_ids     int32 [T]             the prompt tokens (checked against the student's batch)
     hidden.<l>    fp16  [T, hidden]     teacher hidden state l (index into output_hidden_states)
     label_logits  fp32  [N, n_labels]   teacher label-word logits at the last prompt position
-    metadata: format, layers, label_token_ids, template, max_length
+    metadata: one entry "cpet", JSON of format, layers, label_token_ids, template, max_length
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from cpet.errors import ConfigError, DataError
 from cpet.lmcls import Verbalizer
 from cpet.train.data import pad_batch, tokenize_prompts
 
-CACHE_FORMAT = "cpet-teacher-cache/1"
+CACHE_FORMAT = "cpet-teacher-cache/2"  # 2: metadata as one JSON entry (deterministic bytes)
 
 
 class DistillConfig(BaseModel):
@@ -138,17 +138,23 @@ class TeacherCache:
 
         tensors = {"offsets": self.offsets, "input_ids": self.input_ids, "label_logits": self.label_logits,
                    **{f"hidden.{l}": h for l, h in self.hidden.items()}}
-        meta = {"format": CACHE_FORMAT, **{k: json.dumps(v) for k, v in self.meta.items()}}
+        # One metadata entry: safetensors writes a multi-key metadata map in random order, and
+        # identical caches must be identical bytes (DVC hashes them to decide what reruns).
+        meta = {"cpet": json.dumps({"format": CACHE_FORMAT, **self.meta}, sort_keys=True)}
         return write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TeacherCache:
         with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
+            try:
+                raw = json.loads((f.metadata() or {}).get("cpet", "{}"))
+            except json.JSONDecodeError:
+                raw = {}
             if raw.get("format") != CACHE_FORMAT:
-                raise DataError(f"{path}: not a teacher cache ({raw.get('format')!r})")
+                raise DataError(f"{path}: not a teacher cache of this cpet version (format {raw.get('format')!r}, "
+                                f"want {CACHE_FORMAT!r}); rerun the teacher stage")
             t = {k: f.get_tensor(k) for k in f.keys()}
-        meta = {k: json.loads(v) for k, v in raw.items() if k != "format"}
+        meta = {k: v for k, v in raw.items() if k != "format"}
         hidden = {l: t[f"hidden.{l}"] for l in meta["layers"]}
         return cls(t["offsets"], t["input_ids"], hidden, t["label_logits"], meta)
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import random
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +85,22 @@ def checkpoint_dir(params: Params, root: Path, stage: str, *parts: str, recipe: 
 
     key = hashlib.sha256(json.dumps(recipe or {}, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return Path(root) / params.fetch.cache_dir / "checkpoints" / stage / Path(*parts) / key
+
+
+_INIT_LOCK = threading.Lock()
+
+
+@contextmanager
+def seeded_init(seed: int) -> Iterator[None]:
+    """Build new trainable modules under this: python, numpy and torch (CPU and CUDA) are seeded
+    first, so their initial weights (peft's LoRA A, the recovery modules' down-projections) follow
+    the recipe's seed and a rerun from scratch trains the same adapter. A lock keeps stages that a
+    Prefect thread runner runs side by side from drawing from each other's seeded stream."""
+    from transformers import set_seed
+
+    with _INIT_LOCK:
+        set_seed(seed)
+        yield
 
 
 def train_examples(view: TaskView, split: str = "train"):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from cpet import io
 from cpet.config import Params
-from cpet.stages.common import checkpoint_dir, load_compressed_base, task_views, train_adapter
+from cpet.stages.common import checkpoint_dir, load_compressed_base, seeded_init, task_views, train_adapter
 from cpet.stages.teacher import OUT_DIR as TEACHER_DIR
 
 OUT_DIR = Path("models") / "recover"
@@ -33,16 +33,18 @@ RECIPES = {
 
 
 def build_variant(params: Params, root: Path, method: str, task: str, variant: str):
-    """The compressed model with the variant's trainable modules attached (untrained)."""
+    """The compressed model with the variant's trainable modules attached (untrained; their
+    initial weights follow ``recover.train.seed``)."""
     from cpet.pet import attach_lora, attach_recovery, inherit_adapter
 
     inherit_lora, recovery, _ = RECIPES[variant]
     model, kept = load_compressed_base(root, method)
-    if recovery:
-        model = attach_recovery(model, params.recover.recovery_settings())
-    if inherit_lora:
-        return inherit_adapter(root / TEACHER_DIR / task / "adapter", model, kept)
-    return attach_lora(model, params.teacher.lora_settings())
+    with seeded_init(params.recover.train_config().seed):
+        if recovery:
+            model = attach_recovery(model, params.recover.recovery_settings())
+        if inherit_lora:
+            return inherit_adapter(root / TEACHER_DIR / task / "adapter", model, kept)
+        return attach_lora(model, params.teacher.lora_settings())
 
 
 def recover(params: Params, root: str | Path = ".", method: str | None = None) -> dict:

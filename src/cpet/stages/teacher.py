@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cpet import io
 from cpet.config import Params
-from cpet.stages.common import checkpoint_dir, load_base, task_views, train_adapter
+from cpet.stages.common import checkpoint_dir, load_base, seeded_init, task_views, train_adapter
 
 OUT_DIR = Path("models") / "teacher"
 REPORT_DIR = Path("reports") / "teacher"
@@ -34,7 +34,8 @@ def teacher_one(params: Params, root: Path, view) -> dict:
             shutil.copytree(given, tmp / "adapter")
             metrics["adapter"] = f"given: {given}"
         else:
-            peft_model = attach_lora(model, cfg.lora_settings())
+            with seeded_init(cfg.train_config().seed):
+                peft_model = attach_lora(model, cfg.lora_settings())
             metrics["train"] = train_adapter(
                 peft_model, tokenizer, view, cfg.train_config(),
                 checkpoint_dir(params, root, "teacher", view.name, recipe={
