@@ -48,7 +48,7 @@ lock: $(BIN)/uv
 run: install
 	dvc repro
 
-# The comparison table only (fetch..evaluate, 19.6 min here); export, bench and register skipped.
+# The comparison table only (fetch..evaluate, 19.2 min here); export, bench and register skipped.
 results: install
 	dvc repro evaluate
 
