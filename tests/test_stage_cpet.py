@@ -40,9 +40,9 @@ def test_cpet_pipeline_writes_every_variant(pipeline_root):
     from cpet.pet import load_adapter, load_bundle, recovery_layers
     from cpet.stages.common import load_base, load_compressed_base
 
-    ids = torch.tensor([[5, 6, 7, 8, 9]])
     teacher = load_adapter(load_base(root)[0], root / "models/teacher/tiny/adapter")
     student = load_adapter(load_compressed_base(root, "int8")[0], root / "models/inherit/int8/tiny")
+    ids = torch.tensor([[5, 6, 7, 8, 9]], device=next(teacher.parameters()).device)  # CPET_DEVICE=cuda too
     torch.testing.assert_close(student(input_ids=ids).logits, teacher(input_ids=ids).logits, atol=5e-2, rtol=0)
 
     # the CPET bundle reloads in one call, recovery modules included and trained
