@@ -18,8 +18,9 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
+import numpy as np
 import torch
 
 #: a model under test: (input_ids, attention_mask) -> anything (its output is discarded)
@@ -31,17 +32,6 @@ def inputs(batch: int, seq_len: int, vocab: int, seed: int = 0) -> tuple[torch.T
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq_len), generator=gen)
     return ids, torch.ones_like(ids)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile (``q`` in 0..100)."""
-    xs = sorted(values)
-    if len(xs) == 1:
-        return xs[0]
-    pos = (len(xs) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 @torch.no_grad()
@@ -57,7 +47,8 @@ def interleaved(runners: dict[str, Runner], ids: torch.Tensor, mask: torch.Tenso
             sync()
             if round_ >= warmup:
                 times[name].append((time.perf_counter() - t0) * 1000)
-    return {name: {"p50_ms": statistics.median(ts), "p90_ms": percentile(ts, 90)} for name, ts in times.items()}
+    return {name: {"p50_ms": statistics.median(ts), "p90_ms": float(np.percentile(ts, 90))}
+            for name, ts in times.items()}
 
 
 def _status_kb(field: str) -> int:
@@ -106,8 +97,25 @@ def memory_of(build: Callable[[], Runner], ids: torch.Tensor, mask: torch.Tensor
             "peak_excludes_construction": exact}
 
 
+def memory_main(build: Callable[[dict], Runner], argv: list[str] | None = None) -> None:
+    """The ``python -m <module> --memory '<spec json>'`` entry that :func:`measure_memory` runs:
+    ``build(spec)`` makes the model, and :func:`memory_of` is printed as JSON. The spec also holds
+    the input shape: ``batch``, ``seq_len``, ``vocab``."""
+    import argparse
+
+    from cpet.env import apply_quiet_defaults
+
+    apply_quiet_defaults()
+    parser = argparse.ArgumentParser(description="memory of one model in a fresh process (used by cpet bench)")
+    parser.add_argument("--memory", required=True, help="the model's spec, as JSON")
+    spec = json.loads(parser.parse_args(argv).memory)
+    ids, mask = inputs(spec["batch"], spec["seq_len"], spec["vocab"])
+    print(json.dumps(memory_of(lambda: build(spec), ids, mask)))
+
+
 def measure_memory(module: str, spec: dict, timeout: float = 600) -> dict:
-    """Run ``python -m <module> --memory '<spec json>'`` in a fresh process; its last stdout line is JSON."""
+    """Run ``python -m <module> --memory '<spec json>'`` (its :func:`memory_main`) in a fresh process;
+    its last stdout line is JSON."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     proc = subprocess.run([sys.executable, "-m", module, "--memory", json.dumps(spec)], capture_output=True,
                           text=True, timeout=timeout, env=env)

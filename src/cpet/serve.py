@@ -22,7 +22,6 @@ side by side would only slow each other down.
 from __future__ import annotations
 
 import copy
-import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from cpet.errors import CpetError
-from cpet.export.sidepath import SidePath, layer_terms, stack
+from cpet.export.sidepath import SidePath, layer_terms, side_terms
 from cpet.lmcls import Verbalizer, predict
 
 
@@ -88,9 +87,7 @@ class MultiTaskModel(nn.Module):
             if not isinstance(layer, TaskSwitchLinear):
                 layer = TaskSwitchLinear(layer)
                 self.model.set_submodule(name, layer)
-            lin = stack(terms)
-            layer.add(task, [SidePath(t, dtype) for t in ([lin] if lin else []) + [t for t in terms
-                                                                                   if t.act != "identity"]])
+            layer.add(task, [SidePath(t, dtype) for t in side_terms(terms)])
         self.task_names.append(task)
 
     def set_task(self, task: str | None) -> None:
@@ -116,9 +113,8 @@ def build_model(root: Path, method: str, tasks: list[str], variant: str) -> Mult
     from cpet.stages.recover import OUT_DIR as RECOVER_DIR
 
     cm = load_compressed_model(Path(root) / "models" / "compressed" / method)
-    quant = {n: r for n, r in cm.records.items() if r.quant is not None}
-    # a copy either way: cm.model stays the plain base each task's bundle is loaded onto
-    multi = MultiTaskModel(to_deploy(cm.model, quant) if quant else copy.deepcopy(cm.model))
+    # to_deploy works on a copy: cm.model stays the plain base each task's bundle is loaded onto
+    multi = MultiTaskModel(to_deploy(cm.model, cm.records))
     for task in tasks:
         bundle_dir = Path(root) / RECOVER_DIR / method / task / variant
         if not (bundle_dir / "bundle.json").is_file():
@@ -249,35 +245,23 @@ def merged_models(root: Path, method: str, tasks: list[str], variant: str) -> li
             for t in tasks]
 
 
-def _memory_main(spec_json: str) -> None:
-    """Subprocess entry (``cpet bench``): memory of one shared base + N bundles, or of N merged models."""
-    from cpet.bench import inputs, memory_of
-
-    spec = json.loads(spec_json)
+def _memory_runner(spec: dict):
+    """Memory subprocess (``cpet bench``): one shared base + N bundles, or N merged models, each
+    task run once per call."""
     root, method, tasks, variant = Path(spec["root"]), spec["method"], spec["tasks"], spec["variant"]
-    ids, mask = inputs(spec["batch"], spec["seq_len"], spec["vocab"])
+    if spec["form"] == "shared":
+        model = build_model(root, method, tasks, variant)
 
-    def build():
-        if spec["form"] == "shared":
-            model = build_model(root, method, tasks, variant)
-
-            def run(i, m):
-                for t in tasks:
-                    model.set_task(t)
-                    model(input_ids=i, attention_mask=m, use_cache=False)
-            return run
-        models = merged_models(root, method, tasks, variant)
-        return lambda i, m: [mod(input_ids=i, attention_mask=m, use_cache=False) for mod in models]
-
-    print(json.dumps(memory_of(build, ids, mask)))
+        def run(i, m):
+            for t in tasks:
+                model.set_task(t)
+                model(input_ids=i, attention_mask=m, use_cache=False)
+        return run
+    models = merged_models(root, method, tasks, variant)
+    return lambda i, m: [mod(input_ids=i, attention_mask=m, use_cache=False) for mod in models]
 
 
 if __name__ == "__main__":
-    import argparse
+    from cpet.bench import memory_main
 
-    from cpet.env import apply_quiet_defaults
-
-    apply_quiet_defaults()
-    parser = argparse.ArgumentParser(description="serving memory measurement (used by cpet bench)")
-    parser.add_argument("--memory", required=True)
-    _memory_main(parser.parse_args().memory)
+    memory_main(_memory_runner)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -38,15 +39,11 @@ def export_onnx(model: torch.nn.Module, out_dir: str | os.PathLike, *, expect_nb
         with torch.no_grad():
             onnx_export_from_model(model, out_dir, task="text-generation", opset=OPSET, do_validation=False)
     graph = onnx.load(str(out_dir / "model.onnx"), load_external_data=False).graph
-    ops: dict[str, int] = {}
-    for node in graph.node:
-        ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    if ops.get("MatMulNBits", 0) != expect_nbits:
-        raise CpetError(f"export: graph has {ops.get('MatMulNBits', 0)} MatMulNBits nodes, expected {expect_nbits}")
-    return {"matmul_nbits": ops.get("MatMulNBits", 0), "matmul": ops.get("MatMul", 0),
-            "inputs": [i.name for i in graph.input],
-            "bytes": folder_bytes(out_dir)}
-
+    ops = Counter(node.op_type for node in graph.node)
+    if ops["MatMulNBits"] != expect_nbits:
+        raise CpetError(f"export: graph has {ops['MatMulNBits']} MatMulNBits nodes, expected {expect_nbits}")
+    return {"matmul_nbits": ops["MatMulNBits"], "matmul": ops["MatMul"],
+            "inputs": [i.name for i in graph.input], "bytes": folder_bytes(out_dir)}
 
 
 def folder_bytes(path: str | os.PathLike) -> int:
@@ -103,6 +100,6 @@ class OnnxLM:
 
     def last_logits(self, batch: dict) -> torch.Tensor:
         """Logits at each row's last real position ``[batch, vocab]`` (as ``lmcls.label_position_logits``)."""
-        logits = self(batch["input_ids"], batch["attention_mask"])
-        last = batch["attention_mask"].sum(dim=1) - 1
-        return logits[torch.arange(logits.shape[0]), last]
+        from cpet.lmcls import last_token_logits
+
+        return last_token_logits(self(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"])

@@ -1,8 +1,8 @@
 """The deployment form of a task bundle: base weights on their own grid + low-rank side paths.
 
 Why not "merge LoRA, then quantize": ``W_q + B A`` is off the quantization grid, and
-re-quantizing rounds most of the (small) task delta away (``naive_model`` builds that form so
-the export report can measure the loss). What is exact instead:
+re-quantizing rounds most of the (small) task delta away (``plain_model(..., requantize=True)``
+builds that form so the export report can measure the loss). What is exact instead:
 
 * a **float** base layer (original, pruned, structured): every *linear* low-rank term (LoRA,
   identity recovery) folds into the weight, ``W + sum_i s_i B_i A_i`` (float rounding only);
@@ -13,7 +13,8 @@ the export report can measure the loss). What is exact instead:
 ``deploy_model(bundle, records, backend)`` builds that form as a plain HF model: ``backend="torch"``
 runs quantized layers from packed storage (:class:`cpet.compress.QuantLinear`), ``"onnx"`` traces
 them as ``MatMulNBits`` (:class:`cpet.export.nbits.NBitsLinear`). ``cpet.serve.MultiTaskModel``
-reuses :func:`layer_terms` and :class:`SidePath` to give one base a switchable side path per task.
+reuses :func:`layer_terms`, :func:`side_terms` and :class:`SidePath` to give one base a switchable
+side path per task.
 """
 
 from __future__ import annotations
@@ -82,6 +83,13 @@ def stack(terms: list[LowRank]) -> LowRank | None:
     if not lin:
         return None
     return LowRank(torch.cat([t.A for t in lin]), torch.cat([t.B for t in lin], dim=1), "identity")
+
+
+def side_terms(terms: list[LowRank]) -> list[LowRank]:
+    """The side paths of a layer whose weight stays as it is: its linear terms stacked into one,
+    then each nonlinear (GELU) term."""
+    lin = stack(terms)
+    return ([lin] if lin is not None else []) + [t for t in terms if t.act != "identity"]
 
 
 def fold(weight: torch.Tensor, terms: list[LowRank]) -> torch.Tensor:
@@ -166,8 +174,7 @@ def plain_model(model: nn.Module, records: dict[str, WeightRecord] | None,
             renamed[name] = WeightRecord("linear", q)
         else:
             new_base = _float_linear(base, base.weight)
-            lin = stack(ts)
-            sides = ([lin] if lin is not None else []) + sides
+            sides = side_terms(ts)
         module = SideLinear(new_base, [SidePath(t, dtype) for t in sides]) if sides else new_base
         work.set_submodule(name, module)
         if sides and name in renamed:

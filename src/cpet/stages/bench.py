@@ -15,10 +15,7 @@ throughput`` (tokens/s at p50), ``bytes`` (model files), ``peak_mem_mb``) and ``
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -285,25 +282,17 @@ def markdown(rows: list[dict], task: str, cfg, exported: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def _memory_main(spec_json: str) -> None:
-    """Subprocess entry: build one model, print its memory as JSON (see :func:`cpet.bench.memory_of`)."""
+def _memory_runner(raw: dict):
+    """One benchmarked model from its :class:`Spec` fields (+ ``threads``), in a memory subprocess."""
     import torch
 
-    from cpet.bench import inputs, memory_of
-
-    raw = json.loads(spec_json)
     if raw.get("threads"):
         torch.set_num_threads(raw["threads"])
     spec = Spec(**{k: raw[k] for k in ("variant", "compression", "runtime", "root", "task")})
-    ids, mask = inputs(raw["batch"], raw["seq_len"], raw["vocab"])
-    print(json.dumps(memory_of(lambda: runner(spec, raw.get("threads")), ids, mask)))
+    return runner(spec, raw.get("threads"))
 
 
 if __name__ == "__main__":
-    from cpet.env import apply_quiet_defaults
+    from cpet.bench import memory_main
 
-    apply_quiet_defaults()
-    parser = argparse.ArgumentParser(description="memory of one benchmarked model (used by cpet bench)")
-    parser.add_argument("--memory", required=True, help="Spec as JSON")
-    _memory_main(parser.parse_args().memory)
-    sys.exit(0)
+    memory_main(_memory_runner)

@@ -20,9 +20,6 @@ from cpet.stages.inherit import OUT_DIR as INHERIT_DIR
 from cpet.stages.recover import OUT_DIR as RECOVER_DIR
 from cpet.stages.teacher import OUT_DIR as TEACHER_DIR
 
-RESULTS = Path("reports") / "results"
-
-
 def _predict(model, ev, bf16: bool) -> list[int]:
     import torch
 
@@ -43,45 +40,46 @@ def mcnemar(gold: list[int], a: list[int], b: list[int]) -> dict:
 
 
 def evaluate(params: Params, root: str | Path = ".") -> dict:
-    from cpet.pet import load_adapter, load_bundle
+    import copy
 
     from transformers import AutoTokenizer
 
+    from cpet.pet import load_adapter, load_bundle
+
     root = Path(root)
     tokenizer = AutoTokenizer.from_pretrained(root / "models/base")
-    views = task_views(params, root, tokenizer)
     cfg = params.evaluate
-    split = params.evaluate.split
     bf16 = use_bf16(cfg.mixed_precision, device())
+    numerics = "bf16" if bf16 else "no"
     rows, paired = [], {}
 
-    def add(task, ev, n, compression, variant, model):
-        preds[variant] = _predict(model, ev, bf16)
-        metrics = accuracy_f1(ev.labels, preds[variant], n)
-        rows.append({"task": task, "compression": compression, "variant": variant, "split": split,
+    def score(task: str, ev, compression: str, variant: str, model) -> list[int]:
+        pred = _predict(model, ev, bf16)
+        metrics = accuracy_f1(ev.labels, pred, len(ev.label_ids))
+        rows.append({"task": task, "compression": compression, "variant": variant, "split": cfg.split,
                      "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]})
         print(f"evaluate {task} {compression} {variant}: {metrics['accuracy']:.3f}", flush=True)
+        return pred
 
-    for view in views:
-        ev = evaluator(view, tokenizer, split, cfg.max_length, cfg.batch_size)  # tokenized once
-        n = len(view.verbalizer.labels)
-        preds: dict[str, list[int]] = {}  # variant -> predictions, of the current task and method
+    for view in task_views(params, root, tokenizer):
+        ev = evaluator(view, tokenizer, cfg.split, cfg.max_length, cfg.batch_size)  # tokenized once
         model = load_adapter(load_base(root)[0], root / TEACHER_DIR / view.name / "adapter")
-        add(view.name, ev, n, "none", "original+pet", model)
+        score(view.name, ev, "none", "original+pet", model)
         for method in params.recover_methods():
-            model = load_adapter(load_compressed_base(root, method)[0], root / INHERIT_DIR / method / view.name)
-            add(view.name, ev, n, method, "compressed+inherit-only", model)
+            base = load_compressed_base(root, method)[0]  # read once; each variant gets a copy
+            model = load_adapter(copy.deepcopy(base), root / INHERIT_DIR / method / view.name)
+            score(view.name, ev, method, "compressed+inherit-only", model)
+            preds = {}
             for variant in params.recover.variants:
-                bundle = root / RECOVER_DIR / method / view.name / variant
-                model = load_bundle(load_compressed_base(root, method)[0], bundle)
-                add(view.name, ev, n, method, variant, model)
+                model = load_bundle(copy.deepcopy(base), root / RECOVER_DIR / method / view.name / variant)
+                preds[variant] = score(view.name, ev, method, variant, model)
             if {"compressed+pet", "compressed+cpet"} <= preds.keys():
                 paired.setdefault(view.name, {})[method] = mcnemar(ev.labels, preds["compressed+pet"],
                                                                    preds["compressed+cpet"])
     io.write_json(root / "reports" / "results.json", rows)
-    io.write_text(root / "reports" / "results.md", markdown(rows, "bf16" if bf16 else "no", paired))
+    io.write_text(root / "reports" / "results.md", markdown(rows, numerics, paired))
     plot(rows, root / "reports" / "results.png")
-    metrics = {"rows": len(rows), "mixed_precision": "bf16" if bf16 else "no",
+    metrics = {"rows": len(rows), "mixed_precision": numerics,
                "recovery_ratio": recovery_ratios(rows), "cpet_vs_pet": paired}
     io.write_json(root / "reports" / "evaluate.json", metrics)
     return metrics
