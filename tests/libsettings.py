@@ -27,9 +27,11 @@ def recovery_settings(**overrides):
 
 
 def train_config(**overrides):
+    """``recover.train`` in float32 with the model's own attention (tiny test models), + overrides."""
     from cpet.train import TrainConfig
 
-    return TrainConfig(**{**_RAW["recover"]["train"], **overrides})
+    return TrainConfig(**{**_RAW["recover"]["train"], "mixed_precision": "no", "attn_implementation": None,
+                          **overrides})
 
 
 def distill_config(**overrides):

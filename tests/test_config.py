@@ -17,7 +17,7 @@ def test_project_params_parse():
         (lambda p: p["fetch"].update(bogus=1), "fetch.bogus: unknown key"),
         (lambda p: p.update(extra_section={}), "extra_section: unknown key"),
         (lambda p: p["fetch"]["split"].update(seed="abc"), "fetch.split.seed: Input should be a valid integer"),
-        (lambda p: p["fetch"]["split"].pop("max_train"), "fetch.split.max_train: Field required"),
+        (lambda p: p["fetch"]["split"].pop("max_train"), "fetch.split.max_train: missing"),
         (lambda p: p["fetch"]["split"].update(validation_fraction=0.6, test_fraction=0.5), "fetch.split: validation_fraction + test_fraction"),
         (lambda p: p["validate"].update(min_per_class=0), "validate.min_per_class: Input should be greater than or equal to 1"),
         (lambda p: p["fetch"]["model"].update(name_or_path="some/model"), "fetch.model: give either package + gguf_member or name_or_path"),
@@ -27,7 +27,7 @@ def test_project_params_parse():
         (lambda p: p["tasks"]["topic"].update(template="no slot"), "tasks.topic.template: template must contain '{text}'"),
         (lambda p: p["tasks"]["topic"].update(template="{txt}"), "tasks.topic.template: template must have exactly one '{text}' slot"),
         (lambda p: p["tasks"]["sentiment"].update(verbalizer={"a": " x", "b": " x"}), "tasks.sentiment.verbalizer: label words must be distinct"),
-        (lambda p: p["tasks"]["sentiment"].pop("verbalizer"), "tasks.sentiment.verbalizer: Field required"),
+        (lambda p: p["tasks"]["sentiment"].pop("verbalizer"), "tasks.sentiment.verbalizer: missing"),
         (lambda p: p["compress"]["methods"].update(bad={"method": "zip"}), "compress.methods.bad.method: unknown method 'zip'"),
         (lambda p: p["compress"]["methods"].update(q={"method": "int4", "group_siz": 3}), "compress.methods.q.group_siz"),
         (lambda p: p["compress"]["calibration"].update(samples=0), "compress.calibration.samples: Input should be greater than 0"),
@@ -65,3 +65,26 @@ def test_cli_exit_code_and_one_line_error(tmp_path, raw_params, capsys):
     assert main(["--params", str(p), "check-params"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "fetch.max_chars" in err and "\n" not in err
+
+
+LIBRARY_SECTIONS = ("teacher.lora", "teacher.train", "recover.train", "recover.recovery", "recover.distill")
+
+
+def _library_keys():
+    import yaml
+
+    raw = yaml.safe_load(open("params.yaml"))
+    for section in LIBRARY_SECTIONS:
+        a, b = section.split(".")
+        for key in raw[a][b]:
+            yield f"{section}.{key}"
+
+
+@pytest.mark.parametrize("key", list(_library_keys()))
+def test_every_library_setting_missing_is_refused_naming_it(raw_params, key):
+    """One set of defaults (params.yaml's): deleting any LoRA/trainer/recovery/distillation value
+    is an error naming it, never a silent code default (e.g. beta -> 0 would turn the KL off)."""
+    a, b, c = key.split(".")
+    del raw_params[a][b][c]
+    with pytest.raises(ConfigError, match=rf"{key}: missing"):
+        parse_params(raw_params)

@@ -11,7 +11,8 @@ from cpet.compress import compress
 from cpet.config import parse_params
 from cpet.errors import CpetError
 from cpet.export import deploy_model, layer_terms
-from cpet.pet import LoraSettings, RecoverySettings, attach_lora, attach_recovery
+from cpet.pet import attach_lora, attach_recovery
+from libsettings import lora_settings, recovery_settings
 
 IDS = torch.tensor([[5, 9, 3, 17, 2, 8, 11, 4], [7, 1, 12, 6, 30, 2, 0, 0]])
 MASK = torch.tensor([[1] * 8, [1] * 6 + [0] * 2])
@@ -27,8 +28,8 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
 
 def bundle_on(base: torch.nn.Module, act: str = "gelu", recovery: bool = True, seed: int = 1):
     """LoRA (+ recovery) with random, non-zero factors: a trained bundle's shape without training."""
-    model = attach_recovery(base, RecoverySettings(rank=4, act=act)) if recovery else base
-    model = attach_lora(model, LoraSettings(rank=4, alpha=8.0, dropout=0.0))
+    model = attach_recovery(base, recovery_settings(rank=4, act=act)) if recovery else base
+    model = attach_lora(model, lora_settings(rank=4, alpha=8.0, dropout=0.0))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -30,33 +30,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 from safetensors import safe_open
 from torch import nn
 
+from cpet.config.library import DistillConfig
 from cpet.errors import ConfigError, DataError
 from cpet.lmcls import Verbalizer
 from cpet.train.data import pad_batch, tokenize_prompts
 
 CACHE_FORMAT = "cpet-teacher-cache/2"  # 2: metadata as one JSON entry (deterministic bytes)
-
-
-class DistillConfig(BaseModel):
-    """``params.yaml`` section for distillation (reference alpha: 1.0 LLaMA-13B, 0.055 Llama-2)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    alpha: float = Field(1.0, ge=0, description="weight of the hidden-state MSE")
-    beta: float = Field(0.0, ge=0, description="weight of KL(teacher || student) on label-word logits")
-    temperature: float = Field(1.0, gt=0, description="KL temperature T (loss scaled by T^2)")
-    layers: list[int] = Field([-1], min_length=1, description="indices into output_hidden_states; -1 = last")
-
-    @field_validator("layers")
-    @classmethod
-    def _distinct(cls, v: list[int]) -> list[int]:
-        if len(set(v)) != len(v):
-            raise ValueError(f"layers must be distinct, got {v}")
-        return v
 
 
 @dataclass

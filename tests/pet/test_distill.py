@@ -7,19 +7,20 @@ import torch
 from pydantic import ValidationError
 
 import tinypet as tiny
-from cpet.distill import (DistillConfig, DistillLoss, TaskLoss, TeacherCache, build_teacher_cache, lm_forward,
+from cpet.distill import (DistillLoss, TaskLoss, TeacherCache, build_teacher_cache, lm_forward,
                           teacher_outputs)
 from cpet.errors import DataError
 from cpet.lmcls import last_token_logits
-from cpet.pet import LoraSettings, attach_lora
+from cpet.pet import attach_lora
 from cpet.train import Example, TokenizedExamples
+from libsettings import distill_config, lora_settings
 
 LAYERS = [-1, 1]
 
 
 @pytest.fixture(scope="module")
 def teacher():
-    pm = attach_lora(tiny.model(), LoraSettings(rank=4, dropout=0.0))
+    pm = attach_lora(tiny.model(), lora_settings(rank=4, dropout=0.0))
     tiny.randomize_adapters(pm)
     return pm.eval()
 
@@ -41,7 +42,7 @@ def test_label_logits_only_at_last_positions_match_full_forward(teacher, data, v
 
 def test_distill_terms_vanish_when_student_is_teacher(teacher, data, verbalizer):
     batch = data[1].batch(range(8))
-    cfg = DistillConfig(alpha=1.0, beta=0.5, temperature=2.0, layers=LAYERS)
+    cfg = distill_config(alpha=1.0, beta=0.5, temperature=2.0, layers=LAYERS)
     loss, logs = DistillLoss(verbalizer, cfg, teacher=teacher)(teacher, batch)
     assert logs["mse"] == 0.0 and abs(logs["kl"]) < 1e-7
     task, _ = TaskLoss(verbalizer)(teacher, batch)
@@ -76,13 +77,13 @@ def test_cache_refuses_other_tokens(teacher, verbalizer, tok, data):
     texts, _ = data
     cache = build_teacher_cache(teacher, tok, texts, "Review : {text} :", verbalizer, [-1], 32)
     with pytest.raises(DataError, match="does not hold this example"):
-        DistillLoss(verbalizer, DistillConfig(), cache=cache)(teacher, data[1].batch([0, 1]))
+        DistillLoss(verbalizer, distill_config(), cache=cache)(teacher, data[1].batch([0, 1]))
 
 
 def test_distill_loss_has_gradients_for_a_different_student(teacher, data, verbalizer):
-    student = attach_lora(copy.deepcopy(tiny.model(seed=5)), LoraSettings(rank=4, dropout=0.0))
+    student = attach_lora(copy.deepcopy(tiny.model(seed=5)), lora_settings(rank=4, dropout=0.0))
     tiny.randomize_adapters(student, seed=9)
-    loss, logs = DistillLoss(verbalizer, DistillConfig(alpha=0.5, beta=1.0, temperature=2.0), teacher=teacher)(
+    loss, logs = DistillLoss(verbalizer, distill_config(alpha=0.5, beta=1.0, temperature=2.0), teacher=teacher)(
         student, data[1].batch(range(4)))
     assert logs["mse"] > 0 and logs["kl"] > 0
     loss.backward()
@@ -92,8 +93,8 @@ def test_distill_loss_has_gradients_for_a_different_student(teacher, data, verba
 
 def test_config_validates():
     with pytest.raises(ValidationError):
-        DistillConfig(alpah=1.0)
+        distill_config(alpah=1.0)
     with pytest.raises(ValidationError):
-        DistillConfig(layers=[-1, -1])
+        distill_config(layers=[-1, -1])
     with pytest.raises(ValidationError):
-        DistillConfig(temperature=0)
+        distill_config(temperature=0)

@@ -7,13 +7,14 @@ import torch
 
 import tinypet as tiny
 from cpet.errors import CpetError
-from cpet.pet import LoraSettings, attach_lora, attach_recovery, inherit_adapter, RecoverySettings, save_adapter
+from cpet.pet import attach_lora, attach_recovery, inherit_adapter, save_adapter
+from libsettings import lora_settings, recovery_settings
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _teacher(tmp_path, base):
-    pm = attach_lora(copy.deepcopy(base), LoraSettings(rank=4, dropout=0.0, target_modules=ALL))
+    pm = attach_lora(copy.deepcopy(base), lora_settings(rank=4, dropout=0.0, target_modules=ALL))
     tiny.randomize_adapters(pm)
     save_adapter(pm, tmp_path / "teacher")
     return pm.eval()
@@ -92,6 +93,6 @@ def test_missing_kept_entry_is_an_error(tmp_path):
 def test_inherits_onto_a_model_with_recovery_modules(tmp_path, batch):
     base = tiny.model()
     teacher = _teacher(tmp_path, base)
-    with_rec = attach_recovery(copy.deepcopy(base), RecoverySettings(rank=2))
+    with_rec = attach_recovery(copy.deepcopy(base), recovery_settings(rank=2))
     student = inherit_adapter(tmp_path / "teacher", with_rec)
     assert torch.equal(student.eval()(**batch).logits, teacher(**batch).logits)  # B_rec = 0

@@ -6,13 +6,15 @@ from pydantic import ValidationError
 
 import tinypet as tiny
 from cpet.errors import ConfigError
-from cpet.pet import LoraSettings, attach_lora, attention_targets, linear_targets, load_adapter, save_adapter
+from cpet.pet.lora import lora_config
+from cpet.pet import attach_lora, attention_targets, linear_targets, load_adapter, save_adapter
+from libsettings import lora_settings
 
 
 def test_default_targets_are_attention_projections():
     m = tiny.model()
     assert attention_targets(m) == ["k_proj", "o_proj", "q_proj", "v_proj"]
-    cfg = LoraSettings(rank=4).to_peft(m)
+    cfg = lora_config(lora_settings(rank=4), m)
     assert set(cfg.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}
     assert cfg.task_type == "CAUSAL_LM" and cfg.r == 4
     assert "lm_head" not in " ".join(linear_targets(m)) and len(linear_targets(m)) == 14
@@ -20,12 +22,12 @@ def test_default_targets_are_attention_projections():
 
 def test_settings_reject_unknown_keys_and_explicit_targets_win():
     with pytest.raises(ValidationError):
-        LoraSettings(rank=4, rnak=3)
-    assert set(LoraSettings(target_modules=["down_proj"]).to_peft().target_modules) == {"down_proj"}
+        lora_settings(rank=4, rnak=3)
+    assert set(lora_config(lora_settings(target_modules=["down_proj"])).target_modules) == {"down_proj"}
 
 
 def test_save_and_load_round_trip(tmp_path, batch):
-    pm = attach_lora(tiny.model(), LoraSettings(rank=4, dropout=0.0))
+    pm = attach_lora(tiny.model(), lora_settings(rank=4, dropout=0.0))
     tiny.randomize_adapters(pm)
     pm.eval()
     ref = pm(**batch).logits

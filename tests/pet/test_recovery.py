@@ -8,14 +8,15 @@ import torch
 
 import tinypet as tiny
 from cpet.errors import CpetError
-from cpet.pet import (LoraSettings, RecoveryConfig, RecoverySettings, attach_lora, attach_recovery, load_bundle,
+from cpet.pet import (RecoveryConfig, attach_lora, attach_recovery, load_bundle,
                       merge_bundle, recovery_layers, save_bundle)
 from cpet.pet.recovery import PEFT_TYPE, RecoveryLayer
+from libsettings import lora_settings, recovery_settings
 
 
 def _student(act="gelu", seed=0):
-    m = attach_recovery(tiny.model(seed), RecoverySettings(rank=4, act=act))
-    return attach_lora(m, LoraSettings(rank=4, dropout=0.0))
+    m = attach_recovery(tiny.model(seed), recovery_settings(rank=4, act=act))
+    return attach_lora(m, lora_settings(rank=4, dropout=0.0))
 
 
 def test_registered_with_peft_and_zero_init_changes_nothing(batch):
@@ -26,7 +27,7 @@ def test_registered_with_peft_and_zero_init_changes_nothing(batch):
                                      adapter_name="recover")
     assert len([x for x in m.modules() if isinstance(x, RecoveryLayer)]) == 4
     assert torch.equal(m(**batch).logits, ref)
-    rec = attach_recovery(copy.deepcopy(base), RecoverySettings(rank=4))
+    rec = attach_recovery(copy.deepcopy(base), recovery_settings(rank=4))
     assert len(recovery_layers(rec)) == 14  # every linear layer but the LM head
     assert torch.equal(rec(**batch).logits, ref)
 
@@ -65,7 +66,7 @@ def test_bundle_round_trip_is_identical(tmp_path, batch, act):
 
 
 def test_bundle_without_recovery(tmp_path, batch):
-    pm = attach_lora(tiny.model(), LoraSettings(rank=4, dropout=0.0))
+    pm = attach_lora(tiny.model(), lora_settings(rank=4, dropout=0.0))
     tiny.randomize_adapters(pm)
     save_bundle(pm, tmp_path / "b")
     assert torch.equal(load_bundle(tiny.model(), tmp_path / "b")(**batch).logits, pm.eval()(**batch).logits)
@@ -85,6 +86,6 @@ def test_identity_recovery_merges_and_gelu_refuses(batch):
 
 def test_settings_validate():
     with pytest.raises(Exception):
-        RecoverySettings(act="relu")
+        recovery_settings(act="relu")
     with pytest.raises(ValueError):
         RecoveryConfig(act="relu", target_modules=["q_proj"])

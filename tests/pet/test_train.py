@@ -13,8 +13,9 @@ import tinypet as tiny
 from cpet.distill import TaskLoss
 from cpet.errors import CpetError
 from cpet.lmcls import accuracy_f1, predict
-from cpet.pet import LoraSettings, RecoverySettings, attach_lora, attach_recovery
-from cpet.train import DataOrder, Example, TokenizedExamples, TrainConfig, train
+from cpet.pet import attach_lora, attach_recovery
+from cpet.train import DataOrder, Example, TokenizedExamples, train
+from libsettings import lora_settings, recovery_settings, train_config
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +36,9 @@ def _masked_base(seed=0):
 
 
 def _student(adapter_seed=0, dropout=0.1):
-    m = attach_recovery(_masked_base(), RecoverySettings(rank=2))
+    m = attach_recovery(_masked_base(), recovery_settings(rank=2))
     torch.manual_seed(adapter_seed)
-    return attach_lora(m, LoraSettings(rank=4, dropout=dropout))
+    return attach_lora(m, lora_settings(rank=4, dropout=dropout))
 
 
 def _trainable(model):
@@ -47,7 +48,7 @@ def _trainable(model):
 def _cfg(**kw):
     base = dict(steps=6, batch_size=4, lr=5e-3, warmup_steps=1, eval_every=2, checkpoint_every=2, seed=3,
                 max_length=32, restore_best=False)
-    return TrainConfig(**{**base, **kw})
+    return train_config(**{**base, **kw})
 
 
 def _accuracy(tok, verbalizer):
@@ -214,9 +215,9 @@ def test_data_order_is_a_pure_function_of_position():
 
 def test_config_validates():
     with pytest.raises(ValidationError):
-        TrainConfig(stpes=3)
+        train_config(stpes=3)
     with pytest.raises(ValidationError, match="warmup_steps"):
-        TrainConfig(steps=3, warmup_steps=5)
+        train_config(steps=3, warmup_steps=5)
 
 
 def test_ddp_two_cpu_processes_end_identical(tmp_path):

@@ -29,6 +29,7 @@ from cpet.errors import CpetError
 from cpet.io import atomic_dir, write_json
 from cpet.pet.lora import linear_targets, load_adapter, save_adapter
 from cpet.pet.recovery import RecoveryConfig, RecoveryLayer, RecoverySettings
+from cpet.pet.recovery.config import peft_recovery_config
 
 RECOVERY_NAME = "recover"
 FORMAT = "cpet-bundle"
@@ -60,8 +61,8 @@ def attach_recovery(model: nn.Module, settings: RecoverySettings | RecoveryConfi
         raise CpetError("attach recovery modules to the base model before wrapping it with LoRA")
     if recovery_layers(model):
         raise CpetError("model already has recovery modules")
-    cfg = settings if isinstance(settings, RecoveryConfig) else settings.to_peft(
-        settings.target_modules or linear_targets(model))
+    cfg = settings if isinstance(settings, RecoveryConfig) else peft_recovery_config(
+        settings, settings.target_modules or linear_targets(model))
     model = inject_adapter_in_model(cfg, model, adapter_name=RECOVERY_NAME)
     # keep the config out of `model.peft_config`: LoRA's wrapper would adopt it as one of its own adapters
     del model.peft_config

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from cpet.config.library import LoraSettings
 from cpet.errors import ConfigError
 
 ADAPTER_NAME = "default"
@@ -55,27 +55,15 @@ def linear_targets(model: nn.Module) -> list[str]:
     return out
 
 
-class LoraSettings(BaseModel):
-    """``params.yaml`` section for the task adapter."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    rank: int = Field(8, ge=1, description="LoRA rank r")
-    alpha: float = Field(16.0, gt=0, description="scaling alpha / r")
-    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
-    target_modules: list[str] | None = Field(
-        None, description="module names/suffixes; None = linear layers under attention modules"
-    )
-
-    def to_peft(self, model: nn.Module | None = None) -> LoraConfig:
-        """A causal-LM ``LoraConfig``; default targets are discovered on ``model``."""
-        targets = self.target_modules
-        if targets is None:
-            if model is None:
-                raise ConfigError("lora.target_modules: pass the model to discover attention projections")
-            targets = attention_targets(model)
-        return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                          target_modules=list(targets), task_type="CAUSAL_LM", bias="none")
+def lora_config(settings: LoraSettings, model: nn.Module | None = None) -> LoraConfig:
+    """A causal-LM ``LoraConfig`` from the settings; default targets are discovered on ``model``."""
+    targets = settings.target_modules
+    if targets is None:
+        if model is None:
+            raise ConfigError("lora.target_modules: pass the model to discover attention projections")
+        targets = attention_targets(model)
+    return LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                      target_modules=list(targets), task_type="CAUSAL_LM", bias="none")
 
 
 def wrap_lora(model: nn.Module, config: LoraConfig, adapter_name: str = ADAPTER_NAME) -> PeftModel:
@@ -87,7 +75,7 @@ def wrap_lora(model: nn.Module, config: LoraConfig, adapter_name: str = ADAPTER_
 
 def attach_lora(model: nn.Module, settings: LoraSettings, adapter_name: str = ADAPTER_NAME) -> PeftModel:
     """Wrap ``model`` with a fresh, trainable LoRA adapter (peft's init: B = 0)."""
-    return wrap_lora(model, settings.to_peft(model), adapter_name=adapter_name)
+    return wrap_lora(model, lora_config(settings, model), adapter_name=adapter_name)
 
 
 def save_adapter(model: PeftModel, path: str | os.PathLike, adapter_name: str = ADAPTER_NAME) -> Path:

@@ -39,12 +39,12 @@ def build_variant(params: Params, root: Path, method: str, task: str, variant: s
 
     inherit_lora, recovery, _ = RECIPES[variant]
     model, kept = load_compressed_base(root, method)
-    with seeded_init(params.recover.train_config().seed):
+    with seeded_init(params.recover.train.seed):
         if recovery:
-            model = attach_recovery(model, params.recover.recovery_settings())
+            model = attach_recovery(model, params.recover.recovery)
         if inherit_lora:
             return inherit_adapter(root / TEACHER_DIR / task / "adapter", model, kept)
-        return attach_lora(model, params.teacher.lora_settings())
+        return attach_lora(model, params.teacher.lora)
 
 
 def recover(params: Params, root: str | Path = ".", method: str | None = None) -> dict:
@@ -56,7 +56,7 @@ def recover(params: Params, root: str | Path = ".", method: str | None = None) -
     root = Path(root)
     tokenizer = AutoTokenizer.from_pretrained(root / "models/base")
     views = task_views(params, root, tokenizer)
-    config = params.recover.train_config()
+    config = params.recover.train
     out: dict = {}
     for name in params.recover_methods():
         if method not in (None, name):
@@ -71,7 +71,7 @@ def recover(params: Params, root: str | Path = ".", method: str | None = None) -
                     loss_fn = None
                     if RECIPES[variant][2]:
                         cache = TeacherCache.load(root / TEACHER_DIR / view.name / "cache.safetensors")
-                        loss_fn = DistillLoss(view.verbalizer, params.recover.distill_config(), cache=cache)
+                        loss_fn = DistillLoss(view.verbalizer, params.recover.distill, cache=cache)
                     ckpt = checkpoint_dir(params, root, "recover", name, view.name, variant, recipe=recipe)
                     print(f"recover[{name}] {view.name} {variant}", flush=True)
                     result = train_adapter(model, tokenizer, view, config, ckpt, loss_fn)

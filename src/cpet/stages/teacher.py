@@ -34,10 +34,10 @@ def teacher_one(params: Params, root: Path, view) -> dict:
             shutil.copytree(given, tmp / "adapter")
             metrics["adapter"] = f"given: {given}"
         else:
-            with seeded_init(cfg.train_config().seed):
-                peft_model = attach_lora(model, cfg.lora_settings())
+            with seeded_init(cfg.train.seed):
+                peft_model = attach_lora(model, cfg.lora)
             metrics["train"] = train_adapter(
-                peft_model, tokenizer, view, cfg.train_config(),
+                peft_model, tokenizer, view, cfg.train,
                 checkpoint_dir(params, root, "teacher", view.name, recipe={
                     **params.teacher.model_dump(),
                     "data": io.sha256_file(Path(root) / "data/processed" / view.name / "train.jsonl")}),
@@ -48,7 +48,7 @@ def teacher_one(params: Params, root: Path, view) -> dict:
         rows = view.rows("train")
         cache = build_teacher_cache(
             peft_model.eval(), tokenizer, [r["text"] for r in rows], view.template, view.verbalizer,
-            layers=cfg.cache.layers, max_length=cfg.train_config().max_length,
+            layers=cfg.cache.layers, max_length=cfg.train.max_length,
             batch_size=cfg.cache.batch_size,
         )
         cache.save(tmp / "cache.safetensors")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Optional, Union
 
 from peft.config import PeftConfig
-from pydantic import BaseModel, ConfigDict, Field
+
+from cpet.config.library import RecoverySettings
 
 #: peft has a closed ``PeftType`` enum, so the recovery tuner uses its own string type; ``PeftType``
 #: is a ``str`` enum, so peft's mapping dicts key it exactly like a built-in method.
@@ -40,17 +41,5 @@ class RecoveryConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
 
 
-class RecoverySettings(BaseModel):
-    """``params.yaml`` section for recovery modules (reference code: rank 32 T5, 16 LLaMA-13B, 64 Llama-2)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    rank: int = Field(16, ge=1, description="rank of A_rec / B_rec")
-    alpha: float = Field(16.0, gt=0, description="s_rec = alpha / rank")
-    act: Literal["gelu", "identity"] = Field("gelu", description="identity = a plain, mergeable second LoRA")
-    target_modules: list[str] | None = Field(
-        None, description="module names/suffixes; None = every linear layer except the LM head"
-    )
-
-    def to_peft(self, target_modules: list[str]) -> RecoveryConfig:
-        return RecoveryConfig(r=self.rank, alpha=self.alpha, act=self.act, target_modules=list(target_modules))
+def peft_recovery_config(settings: RecoverySettings, target_modules: list[str]) -> RecoveryConfig:
+    return RecoveryConfig(r=settings.rank, alpha=settings.alpha, act=settings.act, target_modules=list(target_modules))

@@ -1,4 +1,4 @@
-"""Typed, validated view of ``params.yaml``.
+"""Typed, validated view of ``params.yaml`` (torch-free).
 
 Each top-level section is named after the stage that reads it (``fetch``, ``validate``, ...);
 ``tasks`` is shared by every stage. Unknown keys, wrong types and missing required values fail
@@ -13,15 +13,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from cpet.config.base import Section, describe
+from cpet.config.library import DistillConfig, LoraSettings, RecoverySettings, TrainConfig
 from cpet.errors import ConfigError
-
-
-class Section(BaseModel):
-    """Base for every config block: unknown keys are errors, values are immutable."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 # --------------------------------------------------------------------------- tasks
@@ -166,30 +162,18 @@ class CompressConfig(Section):
 
 
 # --------------------------------------------------------------------------- CPET core
-def _lazy(module: str, name: str):
-    import importlib
-
-    return getattr(importlib.import_module(module), name)
-
-
 class TeacherCacheConfig(Section):
     layers: list[int] = Field(description="hidden layers cached for distillation (indices into hidden_states)")
     batch_size: int = Field(gt=0)
 
 
 class TeacherConfig(Section):
-    lora: dict[str, Any] = Field(description="cpet.pet.LoraSettings")
-    train: dict[str, Any] = Field(description="cpet.train.TrainConfig")
+    lora: LoraSettings
+    train: TrainConfig
     cache: TeacherCacheConfig
     adapters: dict[str, str] = Field(
         default_factory=dict, description="task -> existing peft adapter dir used instead of training"
     )
-
-    def lora_settings(self):
-        return _lazy("cpet.pet", "LoraSettings").model_validate(self.lora)
-
-    def train_config(self):
-        return _lazy("cpet.train", "TrainConfig").model_validate(self.train)
 
 
 VARIANTS = ("original+pet", "compressed+inherit-only", "compressed+pet", "compressed+inherit",
@@ -199,9 +183,9 @@ TRAINED_VARIANTS = VARIANTS[2:]
 
 class RecoverConfig(Section):
     variants: list[str] = Field(description=f"trained variants, from {list(TRAINED_VARIANTS)}")
-    train: dict[str, Any] = Field(description="cpet.train.TrainConfig, the same recipe for every variant")
-    recovery: dict[str, Any] = Field(description="cpet.pet.RecoverySettings")
-    distill: dict[str, Any] = Field(description="cpet.distill.DistillConfig")
+    train: TrainConfig = Field(description="the same recipe for every variant")
+    recovery: RecoverySettings
+    distill: DistillConfig
 
     @field_validator("variants")
     @classmethod
@@ -213,14 +197,6 @@ class RecoverConfig(Section):
             raise ValueError("variants must be distinct")
         return v
 
-    def train_config(self):
-        return _lazy("cpet.train", "TrainConfig").model_validate(self.train)
-
-    def recovery_settings(self):
-        return _lazy("cpet.pet", "RecoverySettings").model_validate(self.recovery)
-
-    def distill_config(self):
-        return _lazy("cpet.distill", "DistillConfig").model_validate(self.distill)
 
 
 class EvaluateConfig(Section):
@@ -357,19 +333,8 @@ class Params(Section):
         return self
 
 
-def _describe(err: ValidationError) -> str:
-    """``key.path: message`` of the first error (+ how many more)."""
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
-    msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key"
-    more = len(err.errors()) - 1
-    return f"{loc}: {msg}" + (f" (+{more} more)" if more else "")
-
-
 def _format(err: ValidationError, source: str) -> str:
-    return f"{source}: {_describe(err)}"
+    return f"{source}: {describe(err)}"
 
 
 def parse_params(raw: Any, source: str = "params.yaml") -> Params:
@@ -390,19 +355,7 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
 
 
 def _check_library_sections(params: Params, source: str) -> None:
-    """Validate the sections whose schema lives with the library (LoRA, trainer, recovery, ...)."""
-    checks = {
-        "teacher.lora": params.teacher.lora_settings,
-        "teacher.train": params.teacher.train_config,
-        "recover.train": params.recover.train_config,
-        "recover.recovery": params.recover.recovery_settings,
-        "recover.distill": params.recover.distill_config,
-    }
-    for where, build in checks.items():
-        try:
-            build()
-        except ValidationError as err:
-            raise ConfigError(f"{source}: {where}.{_describe(err)}") from None
+    """Cross-section checks (names that must exist elsewhere in the file)."""
     for task in params.teacher.adapters:
         if task not in params.tasks:
             raise ConfigError(f"{source}: teacher.adapters.{task}: not a configured task")
@@ -411,7 +364,7 @@ def _check_library_sections(params: Params, source: str) -> None:
             raise ConfigError(f"{source}: {where}: {variant!r} is not one of recover.variants {params.recover.variants}")
     if params.bench.task is not None and params.bench.task not in params.tasks:
         raise ConfigError(f"{source}: bench.task: {params.bench.task!r} is not a configured task")
-    missing = set(params.recover.distill_config().layers) - set(params.teacher.cache.layers)
+    missing = set(params.recover.distill.layers) - set(params.teacher.cache.layers)
     if missing:
         raise ConfigError(f"{source}: recover.distill.layers: {sorted(missing)} not in teacher.cache.layers")
 
