@@ -64,3 +64,19 @@ def test_mlflow_lives_only_in_cpet_tracking():
     assert offenders == []
     code = "import sys, cpet.cli, cpet.stages, cpet.tracking; assert 'mlflow' not in sys.modules, 'mlflow imported'"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("stage", [s for s in ORDER if STAGES[s].fan_out])
+def test_unknown_item_is_refused_naming_the_known_ones(stage, tmp_path, capsys):
+    """`cpet recover --method typo` used to print {} and exit 0."""
+    from cpet.cli import main
+
+    option = STAGES[stage].fan_out
+    code = main(["--params", str(ROOT / "params.yaml"), "--root", str(tmp_path), stage, f"--{option}", "typo"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"no {option} named 'typo'" in err and "configured:" in err
+    assert not any(tmp_path.iterdir())

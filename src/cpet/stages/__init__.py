@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cpet.config import Params
+from cpet.errors import ConfigError
 from cpet.stages.bench import bench
 from cpet.stages.compress import compress
 from cpet.stages.evaluate import evaluate
@@ -32,10 +33,22 @@ class Stage:
     fan_out: str | None = None  # keyword selecting one item, e.g. "method"
     items: Callable[[Params], list[str]] | None = None  # every item, from the params
 
+    def select(self, params: Params, **selector) -> str | None:
+        """The one item asked for (None = all), refused unless the params configure it."""
+        unknown = set(selector) - {self.fan_out}
+        if unknown:
+            raise ConfigError(f"stage {self.name}: no option {sorted(unknown)[0]!r}")
+        item = selector.get(self.fan_out) if self.fan_out else None
+        if item is not None and item not in self.items(params):
+            raise ConfigError(f"stage {self.name}: no {self.fan_out} named {item!r}; "
+                              f"configured: {', '.join(self.items(params))}")
+        return item
+
     def __call__(self, params: Params, root, **selector) -> dict:
         """Run the stage inside its MLflow run (``track`` in params.yaml; see cpet.tracking)."""
         from cpet.tracking import stage_run
 
+        self.select(params, **selector)
         with stage_run(params, root, self.name, next(iter(selector.values()), None)) as run:
             metrics = self.fn(params, root, **selector)
             if run is not None:
