@@ -91,9 +91,10 @@ def tiny_project(tmp_path: Path, raw_params: dict):
         "struct": {"method": "structured", "heads_ratio": 0.5, "ffn_ratio": 0.25},
     }
     small = {"steps": 6, "batch_size": 8, "lr": 5e-3, "warmup_steps": 1, "eval_every": 3,
-             "checkpoint_every": 3, "seed": 0, "max_length": 32}
-    raw_params["teacher"]["train"] = dict(small)
-    raw_params["recover"]["train"] = dict(small)
+             "checkpoint_every": 3, "seed": 0, "max_length": 32, "mixed_precision": "no",
+             "attn_implementation": None}
+    raw_params["teacher"]["train"].update(small)
+    raw_params["recover"]["train"].update(small)
     raw_params["recover"]["recovery"]["rank"] = 4
     raw_params["recover"]["variants"] = ["compressed+pet", "compressed+inherit", "compressed+recover",
                                          "compressed+cpet"]

@@ -102,3 +102,43 @@ def test_recover_resumes_from_checkpoint(tiny_project):
     again = STAGES["recover"](params, root, method="int8")["int8"]["tiny"]["compressed+cpet"]
     assert first["resumed_from"] == 0 and again["resumed_from"] == 6
     assert again["best_validation_accuracy"] == first["best_validation_accuracy"]
+
+
+def _with(params, **sections):
+    from cpet.config import parse_params
+
+    raw = params.model_dump(by_alias=True, mode="json")
+    for dotted, value in sections.items():
+        *path, last = dotted.split("__")
+        node = raw
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return parse_params(raw)
+
+
+def test_changed_inputs_never_resume_a_stale_checkpoint(tiny_project):
+    """Issue 11: a finished checkpoint used to be resumed after the task's template (or the
+    compressed model, or the teacher adapter) changed, saving weights trained on old inputs."""
+    root, params = tiny_project
+    STAGES["compress"](params, root, method="int8")
+    first = STAGES["teacher"](params, root)["tiny"]["train"]
+    adapter = _files(root / "models/teacher")
+    assert STAGES["teacher"](params, root)["tiny"]["train"]["resumed_from"] == 6  # same inputs: resumes
+
+    changed = _with(params, tasks__tiny__template="Review : {text} Verdict :")
+    again = STAGES["teacher"](changed, root)["tiny"]["train"]
+    assert again["resumed_from"] == 0 and _files(root / "models/teacher") != adapter
+    runs = list((root / params.fetch.cache_dir / "checkpoints/teacher/tiny").iterdir())
+    assert len(runs) == 1  # the stale checkpoint is gone
+    assert first["resumed_from"] == 0
+
+    # recover: a recompressed base (other settings, same method name) trains afresh too
+    STAGES["inherit"](changed, root, method="int8")
+    STAGES["recover"](changed, root, method="int8")
+    regrouped = _with(changed, compress__methods={"int8": {"method": "int8", "exclude": ["*.o_proj"]},
+                                                  "struct": params.compress.methods["struct"]})
+    STAGES["compress"](regrouped, root, method="int8")
+    STAGES["inherit"](regrouped, root, method="int8")
+    out = STAGES["recover"](regrouped, root, method="int8")["int8"]["tiny"]
+    assert all(v["resumed_from"] == 0 for v in out.values())

@@ -62,3 +62,8 @@ def bf16_native(dev) -> bool:
 def use_bf16(mixed_precision: str, dev) -> bool:
     """Resolve a ``mixed_precision`` setting: ``bf16`` always, ``no`` never, ``auto`` where native."""
     return mixed_precision == "bf16" or (mixed_precision == "auto" and bf16_native(dev))
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a distributed launch (``accelerate launch``/``torchrun`` set ``RANK``), or a plain run."""
+    return int(os.environ.get("RANK", "0")) == 0

@@ -77,9 +77,43 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Content hash of a file, memoized per (path, size, mtime) within the process."""
+    st = os.stat(path)
+    memo = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if memo not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+        _DIGESTS[memo] = h.hexdigest()
+    return _DIGESTS[memo]
+
+
+def tree_hash(path: str | os.PathLike) -> str:
+    """Content hash of a file, or of a folder: every file's relative path and sha256, sorted
+    (hidden leftovers such as ``.x.tmp`` ignored)."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    files = sorted(p for p in path.rglob("*")
+                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
+    for f in files:
+        h.update(f"{f.relative_to(path).as_posix()}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def code_hash(package: str = "cpet") -> str:
+    """Hash of every source file of ``package``: a code change invalidates what the code made."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    root = Path(next(iter(spec.submodule_search_locations)))
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f"{f.relative_to(root).as_posix()}\0{sha256_file(f)}\n".encode())
     return h.hexdigest()

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
-import threading
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from cpet import data
+from cpet import data, io
 from cpet.config import Params
-from cpet.env import device
+from cpet.env import device, is_main_process
 from cpet.errors import ConfigError
 from cpet.lmcls import Verbalizer
 from cpet.stages.validate import require_valid
@@ -77,30 +79,56 @@ def calibration_batches(views: list[TaskView], tokenizer, *, samples: int, max_l
     return [pad_batch(seqs[i : i + batch_size], pad) for i in range(0, len(seqs), batch_size)]
 
 
-def checkpoint_dir(params: Params, root: Path, stage: str, *parts: str, recipe: dict | None = None) -> Path:
-    """Resumable-checkpoint folder outside the DVC outputs (DVC deletes outputs before a run),
-    keyed by the recipe so a changed recipe starts fresh instead of resuming a stale run."""
-    import hashlib
-    import json
-
-    key = hashlib.sha256(json.dumps(recipe or {}, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return Path(root) / params.fetch.cache_dir / "checkpoints" / stage / Path(*parts) / key
+def task_identity(view: TaskView) -> dict:
+    """What of a task decides a trained adapter besides its data: prompt and label tokens."""
+    return {"task": view.name, "template": view.template, "labels": list(view.verbalizer.labels),
+            "label_token_ids": list(view.verbalizer.token_ids)}
 
 
-_INIT_LOCK = threading.Lock()
+def data_hashes(root: Path, task: str) -> dict:
+    """The splits training reads: train (steps) and validation (best-step choice)."""
+    folder = Path(root) / "data" / "processed" / task
+    return {split: io.sha256_file(folder / f"{split}.jsonl") for split in ("train", "validation")}
+
+
+def checkpoint_dir(params: Params, root: Path, stage: str, *parts: str, inputs: dict) -> tuple[Path, str]:
+    """Resumable-checkpoint folder (outside the DVC outputs, which DVC deletes before a run) and
+    its key: a hash of ``inputs`` (everything that decides the trained weights: content hashes of
+    the models and data read, the task's prompt and label tokens, the recipe) plus the package's
+    code. A changed input gets a fresh folder, so a rerun never resumes a stale run; the other
+    keys' folders for the same item are stale and removed."""
+    key = hashlib.sha256(json.dumps({**inputs, "code": io.code_hash()}, sort_keys=True,
+                                    default=str).encode()).hexdigest()
+    parent = Path(root) / params.fetch.cache_dir / "checkpoints" / stage / Path(*parts)
+    if is_main_process() and parent.is_dir():
+        for old in parent.iterdir():
+            if old.name != key[:16]:
+                shutil.rmtree(old, ignore_errors=True)
+    return parent / key[:16], key
+
 
 
 @contextmanager
 def seeded_init(seed: int) -> Iterator[None]:
     """Build new trainable modules under this: python, numpy and torch (CPU and CUDA) are seeded
     first, so their initial weights (peft's LoRA A, the recovery modules' down-projections) follow
-    the recipe's seed and a rerun from scratch trains the same adapter. A lock keeps stages that a
-    Prefect thread runner runs side by side from drawing from each other's seeded stream."""
+    the recipe's seed and a rerun from scratch trains the same adapter. The trainer's RNG lock
+    keeps stages that a Prefect thread runner runs side by side from drawing from each other's
+    seeded stream; the global RNG state is restored afterwards."""
+    import torch
     from transformers import set_seed
 
-    with _INIT_LOCK:
+    from cpet.train import RNG_LOCK
+
+    with RNG_LOCK, torch.random.fork_rng(devices=_cuda_devices()):
         set_seed(seed)
         yield
+
+
+def _cuda_devices() -> list[int]:
+    import torch
+
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
 
 
 def train_examples(view: TaskView, split: str = "train"):
@@ -119,15 +147,16 @@ def evaluator(view: TaskView, tokenizer, split: str, max_length: int, batch_size
                           max_length=max_length, batch_size=batch_size)
 
 
-def train_adapter(model, tokenizer, view: TaskView, config, ckpt: Path, loss_fn=None) -> dict:
-    """Train ``model``'s trainable parameters on the task (best step chosen on validation)."""
+def train_adapter(model, tokenizer, view: TaskView, config, ckpt: tuple[Path, str], loss_fn=None) -> dict:
+    """Train ``model``'s trainable parameters on the task (best step chosen on validation);
+    ``ckpt`` = :func:`checkpoint_dir`'s folder and key."""
     from cpet.distill import TaskLoss
     from cpet.train import TokenizedExamples, train
 
     data = TokenizedExamples.build(tokenizer, train_examples(view), view.template, config.max_length)
     result = train(model, data, loss_fn or TaskLoss(view.verbalizer), config,
                    evaluate=evaluator(view, tokenizer, "validation", config.max_length),
-                   checkpoint_dir=ckpt)
+                   checkpoint_dir=ckpt[0], checkpoint_key=ckpt[1])
     return {"steps": result.steps, "best_step": result.best_step,
             "best_validation_accuracy": result.best_metric, "final_loss": result.final_loss,
             "examples_per_s": round(result.examples_per_s, 2), "resumed_from": result.resumed_from,

@@ -43,8 +43,8 @@ def measure(model, tokenizer, views, params: Params) -> dict:
 
 
 def _baseline(model, tokenizer, views, params: Params, root: Path, base_hash: str) -> dict:
-    key = json.dumps([base_hash, params.compress.measure.model_dump(),
-                      {v.name: [v.template, v.verbalizer.labels] for v in views},
+    key = json.dumps([base_hash, params.compress.measure.model_dump(), io.code_hash(),
+                      {v.name: [v.template, v.verbalizer.labels, v.verbalizer.token_ids] for v in views},
                       [io.sha256_file(Path(root) / "data/processed" / v.name / "validation.jsonl") for v in views]])
     path = Path(root) / params.fetch.cache_dir / "measure" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if path.is_file():
@@ -65,7 +65,7 @@ def compress_one(params: Params, root: Path, name: str) -> dict:
     views = task_views(params, root, tokenizer)
     base_file = root / BASE_DIR / "model.safetensors"
     base_hash = io.sha256_file(base_file)
-    before = _baseline(model, tokenizer, views, params, root, base_hash)
+    before = _baseline(model, tokenizer, views, params, root, io.tree_hash(root / BASE_DIR))
     c = params.compress.calibration
     calib = calibration_batches(views, tokenizer, samples=c.samples, max_length=c.max_length,
                                 batch_size=c.batch_size, seed=c.seed)

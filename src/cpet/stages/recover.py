@@ -17,7 +17,8 @@ from pathlib import Path
 
 from cpet import io
 from cpet.config import Params
-from cpet.stages.common import checkpoint_dir, load_compressed_base, seeded_init, task_views, train_adapter
+from cpet.stages.common import (checkpoint_dir, data_hashes, load_compressed_base, seeded_init, task_identity,
+                                task_views, train_adapter)
 from cpet.stages.teacher import OUT_DIR as TEACHER_DIR
 
 OUT_DIR = Path("models") / "recover"
@@ -47,6 +48,22 @@ def build_variant(params: Params, root: Path, method: str, task: str, variant: s
         return attach_lora(model, params.teacher.lora)
 
 
+def variant_inputs(params: Params, root: Path, task: str, variant: str) -> dict:
+    """What a variant's recipe reads beyond the compressed model and the task: the inherited
+    teacher adapter, the LoRA settings of a fresh one, recovery settings, the teacher cache and
+    the distillation weights."""
+    inherit_lora, recovery, distill = RECIPES[variant]
+    teacher = root / TEACHER_DIR / task
+    inputs: dict = {"variant": variant,
+                    "lora": io.tree_hash(teacher / "adapter") if inherit_lora else params.teacher.lora.model_dump()}
+    if recovery:
+        inputs["recovery"] = params.recover.recovery.model_dump()
+    if distill:
+        inputs["distill"] = params.recover.distill.model_dump()
+        inputs["teacher_cache"] = io.sha256_file(teacher / "cache.safetensors")
+    return inputs
+
+
 def recover(params: Params, root: str | Path = ".", method: str | None = None) -> dict:
     from transformers import AutoTokenizer
 
@@ -64,15 +81,16 @@ def recover(params: Params, root: str | Path = ".", method: str | None = None) -
         metrics: dict = {}
         with io.atomic_dir(root / OUT_DIR / name) as tmp:
             for view in views:
-                recipe = {"recover": params.recover.model_dump(), "lora": params.teacher.lora,
-                          "data": io.sha256_file(root / "data/processed" / view.name / "train.jsonl")}
+                common = {"compressed": io.tree_hash(root / "models" / "compressed" / name), **task_identity(view),
+                          "data": data_hashes(root, view.name), "train": config.model_dump()}
                 for variant in params.recover.variants:
                     model = build_variant(params, root, name, view.name, variant)
                     loss_fn = None
                     if RECIPES[variant][2]:
                         cache = TeacherCache.load(root / TEACHER_DIR / view.name / "cache.safetensors")
                         loss_fn = DistillLoss(view.verbalizer, params.recover.distill, cache=cache)
-                    ckpt = checkpoint_dir(params, root, "recover", name, view.name, variant, recipe=recipe)
+                    ckpt = checkpoint_dir(params, root, "recover", name, view.name, variant,
+                                          inputs={**common, **variant_inputs(params, root, view.name, variant)})
                     print(f"recover[{name}] {view.name} {variant}", flush=True)
                     result = train_adapter(model, tokenizer, view, config, ckpt, loss_fn)
                     save_bundle(model, tmp / view.name / variant)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from cpet import io
 from cpet.config import Params
-from cpet.stages.common import checkpoint_dir, load_base, seeded_init, task_views, train_adapter
+from cpet.stages.common import (BASE_DIR, checkpoint_dir, data_hashes, load_base, seeded_init, task_identity,
+                                task_views, train_adapter)
 
 OUT_DIR = Path("models") / "teacher"
 REPORT_DIR = Path("reports") / "teacher"
@@ -36,12 +37,11 @@ def teacher_one(params: Params, root: Path, view) -> dict:
         else:
             with seeded_init(cfg.train.seed):
                 peft_model = attach_lora(model, cfg.lora)
-            metrics["train"] = train_adapter(
-                peft_model, tokenizer, view, cfg.train,
-                checkpoint_dir(params, root, "teacher", view.name, recipe={
-                    **params.teacher.model_dump(),
-                    "data": io.sha256_file(Path(root) / "data/processed" / view.name / "train.jsonl")}),
-            )
+            inputs = {"base": io.tree_hash(Path(root) / BASE_DIR), **task_identity(view),
+                      "data": data_hashes(root, view.name), "lora": cfg.lora.model_dump(),
+                      "train": cfg.train.model_dump()}
+            metrics["train"] = train_adapter(peft_model, tokenizer, view, cfg.train,
+                                             checkpoint_dir(params, root, "teacher", view.name, inputs=inputs))
             save_adapter(peft_model, tmp / "adapter")
             metrics["adapter"] = "trained"
         t0 = time.perf_counter()

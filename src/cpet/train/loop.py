@@ -11,6 +11,7 @@ pruning masks and quantization grids of the base stay intact.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -26,6 +27,12 @@ from cpet.train import checkpoint
 from cpet.train.checkpoint import TrainState
 from cpet.train.config import TrainConfig
 from cpet.train.data import DataOrder, TokenizedExamples
+
+#: Held while anything draws from torch's global RNG for training (init under
+#: ``cpet.stages.common.seeded_init``, a whole ``train`` run): threads of one process (the Prefect
+#: thread runner's fan-out) take turns, so each run's dropout and init stream is its own seed's.
+#: Processes (Dask workers, DDP ranks) have their own RNG and run in parallel.
+RNG_LOCK = threading.RLock()
 
 LossFn = Callable[[nn.Module, dict], "tuple[torch.Tensor, dict[str, float]]"]
 EvalFn = Callable[[nn.Module], float]
@@ -96,7 +103,8 @@ def _better(metric: float, best: float | None) -> bool:
 
 def train(model: nn.Module, data: TokenizedExamples, loss_fn: LossFn, config: TrainConfig, *,
           trainable: Iterable[str] | None = None, evaluate: EvalFn | None = None,
-          checkpoint_dir: str | Path | None = None, accelerator=None, progress: bool = True) -> TrainResult:
+          checkpoint_dir: str | Path | None = None, checkpoint_key: str | None = None, accelerator=None,
+          progress: bool = True) -> TrainResult:
     """Train ``model``'s trainable set in place; resume from ``checkpoint_dir`` when it holds one.
 
     ``evaluate(model) -> metric`` (higher is better) runs on the main process every
@@ -115,7 +123,7 @@ def train(model: nn.Module, data: TokenizedExamples, loss_fn: LossFn, config: Tr
     wrapped = acc.prepare_model(model)  # DDP when launched distributed; moves to the device
     optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(config.warmup_steps, config.steps))
-    meta = {"config": config.model_dump(), "world_size": world, "parameters": list(params)}
+    meta = {"config": config.model_dump(), "world_size": world, "parameters": list(params), "key": checkpoint_key}
     state, best = TrainState(), None
 
     loaded = checkpoint.load(checkpoint_dir) if checkpoint_dir is not None else None
@@ -193,6 +201,8 @@ def _check_compatible(old: dict, new: dict, where) -> None:
     """A checkpoint resumes only the same recipe (the schedule depends on steps) and trainable set."""
     keys = ("steps", "seed", "batch_size", "lr", "warmup_steps", "weight_decay", "max_length")
     diff = [k for k in keys if old["config"].get(k) != new["config"].get(k)]
+    if old.get("key") != new["key"]:
+        diff.append("input key (models, data, task or code)")
     if diff or old["world_size"] != new["world_size"] or old["parameters"] != new["parameters"]:
         what = diff or (["world_size"] if old["world_size"] != new["world_size"] else ["trainable parameters"])
         raise CpetError(f"{where}: checkpoint was written with a different {', '.join(what)}; "
