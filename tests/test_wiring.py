@@ -80,3 +80,35 @@ def test_unknown_item_is_refused_naming_the_known_ones(stage, tmp_path, capsys):
     assert code == 2
     assert f"no {option} named 'typo'" in err and "configured:" in err
     assert not any(tmp_path.iterdir())
+
+
+def test_dvc_code_deps_cover_every_module_each_stage_imports():
+    """Issue 11: no stage listed stages/common.py or lmcls.py, so a prompt-encoding change left
+    `dvc status` clean. Deps are derived from imports; `cpet stage-deps --write` syncs dvc.yaml."""
+    from cpet.stages.codedeps import stage_files, sync_dvc_yaml
+
+    assert sync_dvc_yaml(ROOT / "dvc.yaml") == {}, "run `cpet stage-deps --write`"
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for name, entry in stages.items():
+        deps = [Path(d) for d in entry.get("do", entry)["deps"]]
+        for f in stage_files(name):
+            assert any(f == d or d in f.parents for d in deps), f"{name}: {f} not in dvc.yaml deps"
+    assert Path("src/cpet/stages/common.py") in stage_files("teacher")
+    assert Path("src/cpet/lmcls.py") in stage_files("evaluate")
+    assert {Path("src/cpet/serve.py"), Path("src/cpet/bench.py")} <= stage_files("bench")
+
+
+def test_code_deps_follow_lazy_imports_and_drift_is_reported(tmp_path):
+    import shutil
+
+    from cpet.stages.codedeps import closure, sync_dvc_yaml
+
+    assert "cpet.pet.bundle" in closure("cpet.stages.recover")  # imported inside a function
+    assert "cpet.stages.bench" not in closure("cpet.stages.teacher")  # the registry is not followed
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    text = (tmp_path / "dvc.yaml").read_text().replace("        - src/cpet/lmcls.py\n", "", 1)
+    (tmp_path / "dvc.yaml").write_text(text)
+    drift = sync_dvc_yaml(tmp_path / "dvc.yaml")
+    assert drift and all("src/cpet/lmcls.py" in derived for _, derived in drift.values())
+    sync_dvc_yaml(tmp_path / "dvc.yaml", write=True)
+    assert sync_dvc_yaml(tmp_path / "dvc.yaml") == {}

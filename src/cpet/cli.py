@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", help="bind address (default: params.yaml serve.host, 127.0.0.1)")
     sv.add_argument("--port", type=int, help="port (default: params.yaml serve.port)")
     sub.add_parser("check-params", help="validate params.yaml and print it resolved")
+    sd = sub.add_parser("stage-deps", help="each stage's code deps derived from its imports vs dvc.yaml")
+    sd.add_argument("--write", action="store_true", help="rewrite the src/ deps in dvc.yaml to match")
     sub.add_parser("compress-report", help="print a markdown table of reports/compress/*.json")
     cm = sub.add_parser("compress-model", help="compress any HF causal LM folder/id, no pipeline")
     cm.add_argument("--model", required=True, help="HF model folder or hub id (safetensors)")
@@ -83,6 +85,14 @@ def main(argv: list[str] | None = None) -> int:
                                             samples=args.samples,
                                             trust_remote_code=args.trust_remote_code), indent=2))
             return 0
+        if args.command == "stage-deps":
+            from cpet.stages.codedeps import sync_dvc_yaml
+
+            drift = sync_dvc_yaml(Path(args.root) / "dvc.yaml", write=args.write)
+            for name, (listed, derived) in drift.items():
+                print(f"{name}: missing {sorted(set(derived) - set(listed))}, "
+                      f"not imported {sorted(set(listed) - set(derived))}")
+            return 0 if args.write or not drift else 1
         if args.command == "compress-report":
             from cpet.stages.compress import table
 
