@@ -24,7 +24,6 @@ stage command at a time under its repository lock, which would serialise the fan
 # No `from __future__ import annotations`: a served run loads this file by path and Prefect builds
 # the parameter model (the Literal choices the UI shows) from the real annotations.
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -119,8 +118,12 @@ def save_experiment(root: Path, name: str, instances: list[str]) -> str | None:
 
 
 def _run_stage(params, root: str, name: str, item: str | None = None) -> dict:
+    """Run the stage as ``dvc repro`` does: in the project root, with root ``.`` (paths that end up
+    inside artifacts, e.g. a peft adapter's ``base_model_name_or_path``, are then the same bytes).
+    Every task of a flow run shares its root, so the process-wide chdir agrees across threads."""
     stage = STAGES[name]
-    return stage(params, Path(root), **({stage.fan_out: item} if item is not None else {}))
+    os.chdir(root)
+    return stage(params, Path("."), **({stage.fan_out: item} if item is not None else {}))
 
 
 def _link_mlflow_runs(params, root: Path) -> None:
@@ -159,6 +162,24 @@ def pipeline(params_path: str = "params.yaml", root: str = ".", stages: list[str
         raise ConfigError(f"stages: unknown {unknown}; choose from {list(ORDER)}")
     selected = [s for s in ORDER if stages is None or s in stages]
     lineage = record_lineage and (base / ".dvc").is_dir()
+    cwd = os.getcwd()  # stages chdir into the root (see _run_stage); the caller gets its cwd back
+    try:
+        results, ran = _run_all(params, base, selected, lineage, task_runner, cluster_address, max_workers)
+    finally:
+        os.chdir(cwd)
+    if lineage:
+        from prefect.runtime import flow_run
+
+        saved = task(save_experiment, name="dvc-exp-save", cache_policy=NO_CACHE)(base, f"flow-{flow_run.name}", ran)
+        if saved:
+            print(f"DVC experiment {saved}: dvc exp show / dvc exp apply {saved}")
+    _link_mlflow_runs(params, base)
+    return results
+
+
+def _run_all(params, base: Path, selected: list[str], lineage: bool, task_runner, cluster_address,
+             max_workers) -> tuple[dict, list[str]]:
+    """Each selected stage in order, its items fanned out on the task runner."""
     results: dict = {}
     ran: list[str] = []  # stage instances, as dvc.lock names them
     with make_runner(task_runner, cluster_address, max_workers) as runner:
@@ -178,14 +199,7 @@ def pipeline(params_path: str = "params.yaml", root: str = ".", stages: list[str
             ran += names
             if lineage:
                 task(dvc_commit, name=f"dvc-commit[{name}]", cache_policy=NO_CACHE)(base, names)
-    if lineage:
-        from prefect.runtime import flow_run
-
-        saved = task(save_experiment, name="dvc-exp-save", cache_policy=NO_CACHE)(base, f"flow-{flow_run.name}", ran)
-        if saved:
-            print(f"DVC experiment {saved}: dvc exp show / dvc exp apply {saved}")
-    _link_mlflow_runs(params, base)
-    return results
+    return results, ran
 
 
 def serve(cron: str, name: str = "nightly", **parameters) -> None:

@@ -142,3 +142,27 @@ def test_changed_inputs_never_resume_a_stale_checkpoint(tiny_project):
     STAGES["inherit"](regrouped, root, method="int8")
     out = STAGES["recover"](regrouped, root, method="int8")["int8"]["tiny"]
     assert all(v["resumed_from"] == 0 for v in out.values())
+
+
+def test_recover_runs_side_by_side_in_threads_equal_sequential_runs(tiny_project):
+    """The Prefect thread runner trains fan-out items at once in one process; the global torch
+    RNG (dropout, init) and transformers' init patches are shared state. Issue 11: the trainer
+    reseeded the global RNG outside any lock, so thread runs could differ from `dvc repro`."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    root, params = tiny_project
+    params = _with(params, teacher__lora__dropout=0.1, recover__variants=["compressed+pet", "compressed+cpet"],
+                   compress__methods={"int8": {"method": "int8"}, "int8x": {"method": "int8", "exclude": ["*.o_proj"]}})
+    methods = ["int8", "int8x"]
+    for m in methods:
+        STAGES["compress"](params, root, method=m)
+    STAGES["teacher"](params, root)
+    for m in methods:
+        STAGES["inherit"](params, root, method=m)
+        STAGES["recover"](params, root, method=m)
+    sequential = {m: _files(root / "models/recover" / m) for m in methods}
+    shutil.rmtree(root / params.fetch.cache_dir / "checkpoints")
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda m: STAGES["recover"](params, root, method=m), methods))
+    assert {m: _files(root / "models/recover" / m) for m in methods} == sequential

@@ -1,6 +1,7 @@
 """Quiet, offline-friendly defaults: no telemetry, no hub calls, unless the user set otherwise."""
 
 import os
+import threading
 
 QUIET = {
     "HF_HUB_OFFLINE": "1",
@@ -67,3 +68,11 @@ def use_bf16(mixed_precision: str, dev) -> bool:
 def is_main_process() -> bool:
     """Rank 0 of a distributed launch (``accelerate launch``/``torchrun`` set ``RANK``), or a plain run."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+#: Held around whatever uses or patches torch/transformers process-global state: the global RNG
+#: (seeded init, a training run) and model construction (``from_pretrained``'s meta-device
+#: context and ``no_init_weights`` patch ``torch.nn.init`` for every thread). Threads of one
+#: process (the Prefect thread runner's fan-out) take turns; processes (Dask workers, DDP ranks)
+#: have their own globals and run in parallel. Re-entrant.
+TORCH_GLOBALS = threading.RLock()

@@ -28,6 +28,7 @@ from cpet.compress import qmath
 from cpet.compress.core import CompressedModel, QuantRecord, WeightRecord, freeze, set_weight
 from cpet.compress.registry import METHODS
 from cpet.compress.summary import summarize
+from cpet.env import TORCH_GLOBALS
 from cpet.errors import CpetError
 from cpet.io import atomic_dir, write_json
 
@@ -140,7 +141,7 @@ def load_compressed_model(out_dir: str | os.PathLike) -> CompressedModel:
     cls = getattr(transformers, m["model_class"], None)
     if cls is None:
         raise CpetError(f"{out_dir}: model class {m['model_class']} is not in this transformers version")
-    with no_init_weights():
+    with TORCH_GLOBALS, no_init_weights():  # no_init_weights patches torch.nn.init for every thread
         model = cls(config)
     model.tie_weights()  # skipped by no_init_weights
     model.to(getattr(torch, m["dtype"]))

@@ -87,7 +87,21 @@ def save_adapter(model: PeftModel, path: str | os.PathLike, adapter_name: str = 
         for f in nested.iterdir():
             f.replace(path / f.name)
         nested.rmdir()
+    _sort_target_modules(path / "adapter_config.json")
     return path
+
+
+def _sort_target_modules(config_file: Path) -> None:
+    """peft keeps ``target_modules`` as a set and writes it in hash order, which changes from one
+    process to the next: sorted, the same adapter is the same bytes (DVC and the flow agree)."""
+    import json
+
+    from cpet.io import write_text
+
+    raw = json.loads(config_file.read_text())
+    if isinstance(raw.get("target_modules"), list):
+        raw["target_modules"] = sorted(raw["target_modules"])
+        write_text(config_file, json.dumps(raw, indent=2, sort_keys=True) + "\n")
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, *, trainable: bool = False,

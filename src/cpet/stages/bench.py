@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cpet import io
+from cpet import io, paths
 from cpet.config import Params
 from cpet.stages.export import OUT_DIR as ONNX_DIR
 from cpet.stages.export import write_onnx
@@ -85,7 +85,6 @@ def torch_model(spec: Spec):
 
 def runner(spec: Spec, threads: int | None):
     """``(ids, mask) -> logits`` for ``spec`` on its runtime and device."""
-    import torch
 
     if spec.runtime.startswith("onnxruntime"):
         from cpet.export.onnx import OnnxLM, session
@@ -165,6 +164,10 @@ def bench(params: Params, root: str | Path = ".") -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     specs = specs_for(params, root, task)
+    for s in specs:  # every input present and whole before anything is timed or written
+        needed = s.sources() + ([s.onnx_dir()] if s.variant == "compressed+cpet" and s.runtime.startswith("onnx") else [])
+        for path in needed:
+            paths.require(root, path.relative_to(root))
     exported = export_missing(specs, params.export.tolerance.max_abs_logit_diff, root / OUT_DIR)
     from transformers import AutoConfig
 

@@ -11,14 +11,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from cpet import data, io
+from cpet import data, io, paths
 from cpet.config import Params
-from cpet.env import device, is_main_process
+from cpet.env import TORCH_GLOBALS, device, is_main_process
 from cpet.errors import ConfigError
 from cpet.lmcls import Verbalizer
 from cpet.stages.validate import require_valid
 
-BASE_DIR = Path("models") / "base"
+BASE_DIR = paths.BASE
 
 
 def load_base(root: Path):
@@ -26,9 +26,17 @@ def load_base(root: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(root) / BASE_DIR
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+    path = paths.require(root, BASE_DIR)
+    with TORCH_GLOBALS:  # from_pretrained patches torch globally while it builds the model
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
     return model.to(device()).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def load_tokenizer(root: Path):
+    """The base model's tokenizer (checked present and whole first)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(paths.require(root, BASE_DIR))
 
 
 @dataclass(frozen=True)
@@ -168,5 +176,5 @@ def load_compressed_base(root: Path, method: str):
     :func:`cpet.env.device`), and its kept map."""
     from cpet.compress import load_compressed, read_manifest
 
-    folder = Path(root) / "models" / "compressed" / method
+    folder = paths.require(root, paths.compressed(method))
     return load_compressed(folder, form="train").to(device()).eval(), read_manifest(folder).get("kept")

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cpet import io
+from cpet import io, paths
 from cpet.config import Params
 from cpet.env import device, use_bf16
 from cpet.lmcls import accuracy_f1
-from cpet.stages.common import evaluator, load_base, load_compressed_base, task_views
+from cpet.stages.common import evaluator, load_base, load_compressed_base, load_tokenizer, task_views
 from cpet.stages.inherit import OUT_DIR as INHERIT_DIR
 from cpet.stages.recover import OUT_DIR as RECOVER_DIR
-from cpet.stages.teacher import OUT_DIR as TEACHER_DIR
 
 def _predict(model, ev, bf16: bool) -> list[int]:
     import torch
@@ -42,12 +41,11 @@ def mcnemar(gold: list[int], a: list[int], b: list[int]) -> dict:
 def evaluate(params: Params, root: str | Path = ".") -> dict:
     import copy
 
-    from transformers import AutoTokenizer
 
     from cpet.pet import load_adapter, load_bundle
 
     root = Path(root)
-    tokenizer = AutoTokenizer.from_pretrained(root / "models/base")
+    tokenizer = load_tokenizer(root)
     cfg = params.evaluate
     bf16 = use_bf16(cfg.mixed_precision, device())
     numerics = "bf16" if bf16 else "no"
@@ -63,7 +61,7 @@ def evaluate(params: Params, root: str | Path = ".") -> dict:
 
     for view in task_views(params, root, tokenizer):
         ev = evaluator(view, tokenizer, cfg.split, cfg.max_length, cfg.batch_size)  # tokenized once
-        model = load_adapter(load_base(root)[0], root / TEACHER_DIR / view.name / "adapter")
+        model = load_adapter(load_base(root)[0], paths.require(root, paths.teacher_adapter(view.name)))
         score(view.name, ev, "none", "original+pet", model)
         for method in params.recover_methods():
             base = load_compressed_base(root, method)[0]  # read once; each variant gets a copy
@@ -111,7 +109,7 @@ def markdown(rows: list[dict], mixed_precision: str = "no", paired: dict | None 
         orig = next(r for r in mine if r["variant"] == "original+pet")
         out += [f"## {task} ({orig['split']} split; accuracy / macro-F1)", "",
                 "| variant | " + " | ".join(comps) + " |", "|---|" + "---|" * len(comps),
-                f"| original+pet | " + " | ".join(f"{orig['accuracy']:.3f} / {orig['macro_f1']:.3f}" for _ in comps) + " |"]
+                "| original+pet | " + " | ".join(f"{orig['accuracy']:.3f} / {orig['macro_f1']:.3f}" for _ in comps) + " |"]
         for v in variants:
             cells = []
             for c in comps:

@@ -15,9 +15,9 @@ import copy
 import time
 from pathlib import Path
 
-from cpet import io
+from cpet import io, paths
 from cpet.config import Params
-from cpet.stages.common import task_views
+from cpet.stages.common import load_tokenizer, task_views
 from cpet.stages.recover import OUT_DIR as RECOVER_DIR
 
 OUT_DIR = Path("models") / "onnx"
@@ -72,18 +72,17 @@ def export_task(params: Params, root: Path, method: str, cm, view, tokenizer, ou
 
 
 def export(params: Params, root: str | Path = ".", method: str | None = None) -> dict:
-    from transformers import AutoTokenizer
 
     from cpet.compress import load_compressed_model
 
     root = Path(root)
-    tokenizer = AutoTokenizer.from_pretrained(root / "models/base")
+    tokenizer = load_tokenizer(root)
     views = task_views(params, root, tokenizer)
     out: dict = {}
     for name in params.recover_methods():
         if method not in (None, name):
             continue
-        cm = load_compressed_model(root / "models" / "compressed" / name)
+        cm = load_compressed_model(paths.require(root, paths.compressed(name)))
         with io.atomic_dir(root / OUT_DIR / name) as tmp:
             metrics = {view.name: export_task(params, root, name, cm, view, tokenizer, tmp / view.name)
                        for view in views}

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cpet import io
+from cpet import io, paths
 from cpet.config import Params
 from cpet.stages.common import load_compressed_base
-from cpet.stages.teacher import OUT_DIR as TEACHER_DIR
 
 OUT_DIR = Path("models") / "inherit"
 
@@ -29,7 +28,7 @@ def inherit(params: Params, root: str | Path = ".", method: str | None = None) -
         with io.atomic_dir(root / OUT_DIR / name) as tmp:
             for task in params.tasks:
                 model, kept = load_compressed_base(root, name)
-                peft_model = inherit_adapter(root / TEACHER_DIR / task / "adapter", model, kept)
+                peft_model = inherit_adapter(paths.require(root, paths.teacher_adapter(task)), model, kept)
                 save_adapter(peft_model, tmp / task)
         out[name] = {"tasks": list(params.tasks), "sliced": bool(kept)}
     return out

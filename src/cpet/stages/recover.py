@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cpet import io
+from cpet import io, paths
 from cpet.config import Params
-from cpet.stages.common import (checkpoint_dir, data_hashes, load_compressed_base, seeded_init, task_identity,
-                                task_views, train_adapter)
+from cpet.stages.common import (checkpoint_dir, data_hashes, load_compressed_base, load_tokenizer, seeded_init,
+                                task_identity, task_views, train_adapter)
 from cpet.stages.teacher import OUT_DIR as TEACHER_DIR
 
 OUT_DIR = Path("models") / "recover"
@@ -44,7 +44,7 @@ def build_variant(params: Params, root: Path, method: str, task: str, variant: s
         if recovery:
             model = attach_recovery(model, params.recover.recovery)
         if inherit_lora:
-            return inherit_adapter(root / TEACHER_DIR / task / "adapter", model, kept)
+            return inherit_adapter(paths.require(root, paths.teacher_adapter(task)), model, kept)
         return attach_lora(model, params.teacher.lora)
 
 
@@ -65,14 +65,18 @@ def variant_inputs(params: Params, root: Path, task: str, variant: str) -> dict:
 
 
 def recover(params: Params, root: str | Path = ".", method: str | None = None) -> dict:
-    from transformers import AutoTokenizer
 
     from cpet.distill import DistillLoss, TeacherCache
     from cpet.pet import save_bundle
 
     root = Path(root)
-    tokenizer = AutoTokenizer.from_pretrained(root / "models/base")
+    tokenizer = load_tokenizer(root)
     views = task_views(params, root, tokenizer)
+    for view in views:  # what the variants read from the teacher, checked before any training
+        if any(RECIPES[v][0] for v in params.recover.variants):
+            paths.require(root, paths.teacher_adapter(view.name))
+        if any(RECIPES[v][2] for v in params.recover.variants):
+            paths.require(root, paths.teacher_cache(view.name))
     config = params.recover.train
     out: dict = {}
     for name in params.recover_methods():
@@ -87,7 +91,7 @@ def recover(params: Params, root: str | Path = ".", method: str | None = None) -
                     model = build_variant(params, root, name, view.name, variant)
                     loss_fn = None
                     if RECIPES[variant][2]:
-                        cache = TeacherCache.load(root / TEACHER_DIR / view.name / "cache.safetensors")
+                        cache = TeacherCache.load(paths.require(root, paths.teacher_cache(view.name)))
                         loss_fn = DistillLoss(view.verbalizer, params.recover.distill, cache=cache)
                     ckpt = checkpoint_dir(params, root, "recover", name, view.name, variant,
                                           inputs={**common, **variant_inputs(params, root, view.name, variant)})

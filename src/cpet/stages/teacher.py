@@ -14,8 +14,8 @@ from pathlib import Path
 
 from cpet import io
 from cpet.config import Params
-from cpet.stages.common import (BASE_DIR, checkpoint_dir, data_hashes, load_base, seeded_init, task_identity,
-                                task_views, train_adapter)
+from cpet.stages.common import (BASE_DIR, checkpoint_dir, data_hashes, load_base, load_tokenizer, seeded_init,
+                                task_identity, task_views, train_adapter)
 
 OUT_DIR = Path("models") / "teacher"
 REPORT_DIR = Path("reports") / "teacher"
@@ -59,7 +59,6 @@ def teacher_one(params: Params, root: Path, view) -> dict:
 
 def teacher(params: Params, root: str | Path = ".", task: str | None = None) -> dict:
     root = Path(root)
-    from transformers import AutoTokenizer
 
-    views = task_views(params, root, AutoTokenizer.from_pretrained(root / "models/base"))
+    views = task_views(params, root, load_tokenizer(root))
     return {v.name: teacher_one(params, root, v) for v in views if task in (None, v.name)}

@@ -11,7 +11,6 @@ pruning masks and quantization grids of the base stay intact.
 from __future__ import annotations
 
 import math
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -21,18 +20,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cpet.env import device, use_bf16
+from cpet.env import TORCH_GLOBALS, device, use_bf16
 from cpet.errors import CpetError
 from cpet.train import checkpoint
 from cpet.train.checkpoint import TrainState
 from cpet.train.config import TrainConfig
 from cpet.train.data import DataOrder, TokenizedExamples
 
-#: Held while anything draws from torch's global RNG for training (init under
-#: ``cpet.stages.common.seeded_init``, a whole ``train`` run): threads of one process (the Prefect
-#: thread runner's fan-out) take turns, so each run's dropout and init stream is its own seed's.
-#: Processes (Dask workers, DDP ranks) have their own RNG and run in parallel.
-RNG_LOCK = threading.RLock()
+#: A training run draws from torch's global RNG (dropout) under this lock (= cpet.env.TORCH_GLOBALS),
+#: so runs that a thread pool starts side by side each get their own seed's stream.
+RNG_LOCK = TORCH_GLOBALS
 
 LossFn = Callable[[nn.Module, dict], "tuple[torch.Tensor, dict[str, float]]"]
 EvalFn = Callable[[nn.Module], float]
@@ -111,7 +108,19 @@ def train(model: nn.Module, data: TokenizedExamples, loss_fn: LossFn, config: Tr
     ``eval_every`` steps and at the end, under the same autocast as the training step; the best
     step's trainable weights are kept and, with ``restore_best``, loaded at the end. Without
     ``evaluate`` the last weights are kept. ``config.attn_implementation`` applies for the run.
+    A checkpoint resumes only when it was written with the same ``checkpoint_key`` (what the
+    caller hashed of its inputs) and recipe. The global torch RNG is used under :data:`RNG_LOCK`
+    and restored afterwards.
     """
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with RNG_LOCK, torch.random.fork_rng(devices=devices):
+        return _train(model, data, loss_fn, config, trainable=trainable, evaluate=evaluate,
+                      checkpoint_dir=checkpoint_dir, checkpoint_key=checkpoint_key,
+                      accelerator=accelerator, progress=progress)
+
+
+def _train(model, data, loss_fn, config, *, trainable, evaluate, checkpoint_dir, checkpoint_key,
+           accelerator, progress) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list, gather_object
     from tqdm.auto import tqdm
