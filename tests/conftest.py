@@ -96,8 +96,9 @@ def tiny_project(tmp_path: Path, raw_params: dict):
     raw_params["teacher"]["train"].update(small)
     raw_params["recover"]["train"].update(small)
     raw_params["recover"]["recovery"]["rank"] = 4
-    raw_params["recover"]["variants"] = ["compressed+pet", "compressed+inherit", "compressed+recover",
-                                         "compressed+cpet"]
+    from cpet.config.recipes import TRAINED
+
+    raw_params["recover"]["variants"] = list(TRAINED)  # every row of the comparison, ablations included
     raw_params["evaluate"].update(batch_size=16, max_length=32)
     params = parse_params(raw_params)
     validate(params, tmp_path)

@@ -21,7 +21,7 @@ def test_cpet_pipeline_writes_every_variant(pipeline_root):
     root, params = pipeline_root
     metrics = STAGES["evaluate"](params, root)
     rows = json.loads((root / "reports/results.json").read_text())
-    assert metrics["rows"] == len(rows) == 1 + 2 * 5  # original + 2 methods x (inherit-only + 4 trained)
+    assert metrics["rows"] == len(rows) == 1 + 2 * 8  # original + 2 methods x (inherit-only + 7 trained)
     assert {r["variant"] for r in rows} == set(VARIANTS)
     for r in rows:
         assert set(r) == {"task", "compression", "variant", "split", "accuracy", "macro_f1"}
@@ -166,3 +166,17 @@ def test_recover_runs_side_by_side_in_threads_equal_sequential_runs(tiny_project
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(lambda m: STAGES["recover"](params, root, method=m), methods))
     assert {m: _files(root / "models/recover" / m) for m in methods} == sequential
+
+
+def test_every_recipe_row_trains_what_its_name_says(pipeline_root):
+    """Issue 13: the paper's ablations (inherit+recover without distillation, inherit+distill
+    without recovery, ...) are rows of one Recipe table, each trained by the same trainer."""
+    from cpet.config.recipes import RECIPES
+
+    root, params = pipeline_root
+    for variant in params.recover.variants:
+        recipe = RECIPES[variant]
+        bundle = root / "models/recover/int8/tiny" / variant
+        assert (bundle / "recovery.safetensors").is_file() == recipe.recovery, variant
+        curve = json.loads((root / "reports/curves/recover/int8/tiny" / f"{variant}.json").read_text())
+        assert ("kl" in curve[0] and "mse" in curve[0]) == recipe.distill, variant

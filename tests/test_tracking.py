@@ -101,3 +101,45 @@ def test_unreachable_tracking_server_is_one_error_line(tiny_project, monkeypatch
     assert main(["--root", str(root), "--params", str(root / "params.yaml"), "validate"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: tracking: cannot reach the MLflow server at http://127.0.0.1:{port}")
+
+
+def test_learning_curves_are_step_metrics_report_files_and_dvc_plots(project):
+    """Issue 13: every trainer run keeps its per-step history (loss terms, lr, validation
+    accuracy) as a report file (a DVC plot) and as MLflow step metrics."""
+    import json
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    root, params = project
+    STAGES["compress"](params, root, method="int8")
+    STAGES["teacher"](params, root)
+    STAGES["inherit"](params, root, method="int8")
+    STAGES["recover"](params, root, method="int8")
+    steps = params.recover.train.steps
+    curve = json.loads((root / "reports/curves/recover/int8/tiny/compressed+cpet.json").read_text())
+    assert [e["step"] for e in curve] == list(range(1, steps + 1))
+    assert {"lr", "loss", "task", "mse", "kl"} <= set(curve[0])
+    assert [e["step"] for e in curve if e["validation"] is not None] == list(range(3, steps + 1, 3))
+    assert "mse" not in json.loads((root / "reports/curves/recover/int8/tiny/compressed+pet.json").read_text())[0]
+    teacher = json.loads((root / "reports/curves/teacher/tiny.json").read_text())
+    assert len(teacher) == params.teacher.train.steps
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("cpet")
+    run = next(r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == "recover[int8]")
+    kl = client.get_metric_history(run.info.run_id, "curve/recover/int8/tiny/compressed_cpet/kl")
+    assert [m.step for m in kl] == list(range(1, steps + 1))
+    assert [m.value for m in kl] == [e["kl"] for e in curve]
+
+    # dvc plots show renders them from dvc.yaml's stage plots
+    (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(by_alias=True, mode="json")))
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True)
+    out = subprocess.run([sys.executable, "-m", "dvc", "plots", "show", "--json"], cwd=root, capture_output=True,
+                         text=True, check=True).stdout
+    shown = json.loads(out)["data"]
+    assert any("curves/recover/int8/tiny/compressed+cpet.json" in k for k in shown)
+    assert any("curves/teacher/tiny.json" in k for k in shown)
+    assert shown["reports/curves/teacher/tiny.json"][0]["type"] == "vega"

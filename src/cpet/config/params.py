@@ -16,6 +16,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from cpet.config.base import Section, describe
+from cpet.config.recipes import TRAINED
 from cpet.config.library import DistillConfig, LoraSettings, RecoverySettings, TrainConfig
 from cpet.errors import ConfigError
 
@@ -176,9 +177,7 @@ class TeacherConfig(Section):
     )
 
 
-VARIANTS = ("original+pet", "compressed+inherit-only", "compressed+pet", "compressed+inherit",
-            "compressed+recover", "compressed+cpet")
-TRAINED_VARIANTS = VARIANTS[2:]
+TRAINED_VARIANTS = TRAINED
 
 
 class RecoverConfig(Section):

@@ -155,9 +155,15 @@ def evaluator(view: TaskView, tokenizer, split: str, max_length: int, batch_size
                           max_length=max_length, batch_size=batch_size)
 
 
-def train_adapter(model, tokenizer, view: TaskView, config, ckpt: tuple[Path, str], loss_fn=None) -> dict:
+CURVES = Path("reports") / "curves"  # per-step learning curves: DVC plots and MLflow step metrics
+
+
+def train_adapter(model, tokenizer, view: TaskView, config, ckpt: tuple[Path, str],
+                  loss_fn=None) -> tuple[dict, list[dict]]:
     """Train ``model``'s trainable parameters on the task (best step chosen on validation);
-    ``ckpt`` = :func:`checkpoint_dir`'s folder and key."""
+    ``ckpt`` = :func:`checkpoint_dir`'s folder and key. Returns the run's summary and its
+    per-step history (``step``, ``lr``, ``loss``, loss terms; ``validation`` accuracy at
+    evaluation steps)."""
     from cpet.distill import TaskLoss
     from cpet.train import TokenizedExamples, train
 
@@ -168,7 +174,7 @@ def train_adapter(model, tokenizer, view: TaskView, config, ckpt: tuple[Path, st
     return {"steps": result.steps, "best_step": result.best_step,
             "best_validation_accuracy": result.best_metric, "final_loss": result.final_loss,
             "examples_per_s": round(result.examples_per_s, 2), "resumed_from": result.resumed_from,
-            "bf16": result.bf16}
+            "bf16": result.bf16}, result.history
 
 
 def load_compressed_base(root: Path, method: str):

@@ -2,13 +2,9 @@
 
 Per compression method ``<m>``, task ``<t>`` and variant ``<v>`` in ``recover.variants``:
 ``models/recover/<m>/<t>/<v>/`` is a bundle (LoRA adapter + recovery modules, one
-``load_bundle`` call). Variants (METHOD.md):
-
-* ``compressed+pet``      fresh LoRA, task loss
-* ``compressed+inherit``  the inherited LoRA trained further, task loss
-* ``compressed+recover``  fresh LoRA + recovery modules, task loss
-* ``compressed+cpet``     inherited LoRA + recovery modules, task loss + distillation from the
-  uncompressed teacher (cached outputs from the ``teacher`` stage)
+``load_bundle`` call); ``reports/curves/recover/<m>/<t>/<v>.json`` its learning curve. What each variant uses (inherited LoRA, recovery modules, distillation
+from the uncompressed teacher's cached outputs) is its row of :data:`cpet.config.recipes.RECIPES`:
+``compressed+pet`` none of them, ``compressed+cpet`` all three, the ablations the rest.
 """
 
 from __future__ import annotations
@@ -17,20 +13,14 @@ from pathlib import Path
 
 from cpet import io, paths
 from cpet.config import Params
-from cpet.stages.common import (checkpoint_dir, data_hashes, load_compressed_base, load_tokenizer, seeded_init,
+from cpet.config.recipes import RECIPES
+from cpet.stages.common import (CURVES, checkpoint_dir, data_hashes, load_compressed_base, load_tokenizer, seeded_init,
                                 task_identity, task_views, train_adapter)
 from cpet.stages.teacher import OUT_DIR as TEACHER_DIR
 
 OUT_DIR = Path("models") / "recover"
 REPORT_DIR = Path("reports") / "recover"
 
-#: variant -> (inherit the teacher's LoRA, add recovery modules, distil from the teacher)
-RECIPES = {
-    "compressed+pet": (False, False, False),
-    "compressed+inherit": (True, False, False),
-    "compressed+recover": (False, True, False),
-    "compressed+cpet": (True, True, True),
-}
 
 
 def build_variant(params: Params, root: Path, method: str, task: str, variant: str):
@@ -38,12 +28,12 @@ def build_variant(params: Params, root: Path, method: str, task: str, variant: s
     initial weights follow ``recover.train.seed``)."""
     from cpet.pet import attach_lora, attach_recovery, inherit_adapter
 
-    inherit_lora, recovery, _ = RECIPES[variant]
+    recipe = RECIPES[variant]
     model, kept = load_compressed_base(root, method)
     with seeded_init(params.recover.train.seed):
-        if recovery:
+        if recipe.recovery:
             model = attach_recovery(model, params.recover.recovery)
-        if inherit_lora:
+        if recipe.inherit:
             return inherit_adapter(paths.require(root, paths.teacher_adapter(task)), model, kept)
         return attach_lora(model, params.teacher.lora)
 
@@ -52,13 +42,13 @@ def variant_inputs(params: Params, root: Path, task: str, variant: str) -> dict:
     """What a variant's recipe reads beyond the compressed model and the task: the inherited
     teacher adapter, the LoRA settings of a fresh one, recovery settings, the teacher cache and
     the distillation weights."""
-    inherit_lora, recovery, distill = RECIPES[variant]
+    recipe = RECIPES[variant]
     teacher = root / TEACHER_DIR / task
     inputs: dict = {"variant": variant,
-                    "lora": io.tree_hash(teacher / "adapter") if inherit_lora else params.teacher.lora.model_dump()}
-    if recovery:
+                    "lora": io.tree_hash(teacher / "adapter") if recipe.inherit else params.teacher.lora.model_dump()}
+    if recipe.recovery:
         inputs["recovery"] = params.recover.recovery.model_dump()
-    if distill:
+    if recipe.distill:
         inputs["distill"] = params.recover.distill.model_dump()
         inputs["teacher_cache"] = io.sha256_file(teacher / "cache.safetensors")
     return inputs
@@ -73,9 +63,9 @@ def recover(params: Params, root: str | Path = ".", method: str | None = None) -
     tokenizer = load_tokenizer(root)
     views = task_views(params, root, tokenizer)
     for view in views:  # what the variants read from the teacher, checked before any training
-        if any(RECIPES[v][0] for v in params.recover.variants):
+        if any(RECIPES[v].inherit for v in params.recover.variants):
             paths.require(root, paths.teacher_adapter(view.name))
-        if any(RECIPES[v][2] for v in params.recover.variants):
+        if any(RECIPES[v].distill for v in params.recover.variants):
             paths.require(root, paths.teacher_cache(view.name))
     config = params.recover.train
     out: dict = {}
@@ -83,21 +73,22 @@ def recover(params: Params, root: str | Path = ".", method: str | None = None) -
         if method not in (None, name):
             continue
         metrics: dict = {}
-        with io.atomic_dir(root / OUT_DIR / name) as tmp:
+        with io.atomic_dir(root / OUT_DIR / name) as tmp, io.atomic_dir(root / CURVES / "recover" / name) as curves:
             for view in views:
                 common = {"compressed": io.tree_hash(root / "models" / "compressed" / name), **task_identity(view),
                           "data": data_hashes(root, view.name), "train": config.model_dump()}
                 for variant in params.recover.variants:
                     model = build_variant(params, root, name, view.name, variant)
                     loss_fn = None
-                    if RECIPES[variant][2]:
+                    if RECIPES[variant].distill:
                         cache = TeacherCache.load(paths.require(root, paths.teacher_cache(view.name)))
                         loss_fn = DistillLoss(view.verbalizer, params.recover.distill, cache=cache)
                     ckpt = checkpoint_dir(params, root, "recover", name, view.name, variant,
                                           inputs={**common, **variant_inputs(params, root, view.name, variant)})
                     print(f"recover[{name}] {view.name} {variant}", flush=True)
-                    result = train_adapter(model, tokenizer, view, config, ckpt, loss_fn)
+                    result, history = train_adapter(model, tokenizer, view, config, ckpt, loss_fn)
                     save_bundle(model, tmp / view.name / variant)
+                    io.write_json(curves / view.name / f"{variant}.json", history)
                     metrics.setdefault(view.name, {})[variant] = result
         io.write_json(root / REPORT_DIR / f"{name}.json", metrics)
         out[name] = metrics

@@ -2,8 +2,9 @@
 
 Outputs per task ``<task>``: ``models/teacher/<task>/adapter/`` (a standard peft adapter: trained
 here, or copied from ``teacher.adapters.<task>``), ``models/teacher/<task>/cache.safetensors``
-(the teacher's label logits and hidden states on the training split, reused by every CPET run)
-and ``reports/teacher/<task>.json``.
+(the teacher's label logits and hidden states on the training split, reused by every CPET run),
+``reports/teacher/<task>.json`` and the learning curve ``reports/curves/teacher/<task>.json``
+(one entry per step; empty for a given adapter).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from cpet import io
 from cpet.config import Params
-from cpet.stages.common import (BASE_DIR, checkpoint_dir, data_hashes, load_base, load_tokenizer, seeded_init,
+from cpet.stages.common import (BASE_DIR, CURVES, checkpoint_dir, data_hashes, load_base, load_tokenizer, seeded_init,
                                 task_identity, task_views, train_adapter)
 
 OUT_DIR = Path("models") / "teacher"
@@ -34,14 +35,16 @@ def teacher_one(params: Params, root: Path, view) -> dict:
             peft_model = load_adapter(model, given)
             shutil.copytree(given, tmp / "adapter")
             metrics["adapter"] = f"given: {given}"
+            io.write_json(Path(root) / CURVES / "teacher" / f"{view.name}.json", [])
         else:
             with seeded_init(cfg.train.seed):
                 peft_model = attach_lora(model, cfg.lora)
             inputs = {"base": io.tree_hash(Path(root) / BASE_DIR), **task_identity(view),
                       "data": data_hashes(root, view.name), "lora": cfg.lora.model_dump(),
                       "train": cfg.train.model_dump()}
-            metrics["train"] = train_adapter(peft_model, tokenizer, view, cfg.train,
-                                             checkpoint_dir(params, root, "teacher", view.name, inputs=inputs))
+            metrics["train"], history = train_adapter(
+                peft_model, tokenizer, view, cfg.train, checkpoint_dir(params, root, "teacher", view.name, inputs=inputs))
+            io.write_json(Path(root) / CURVES / "teacher" / f"{view.name}.json", history)
             save_adapter(peft_model, tmp / "adapter")
             metrics["adapter"] = "trained"
         t0 = time.perf_counter()

@@ -98,7 +98,7 @@ def load_graph(root: Path, params: dict) -> Graph | None:
                 name, item,
                 deps=tuple(sub(p) for p in _paths(body.get("deps"))),
                 params=tuple(sub(p) for p in _paths(body.get("params"))),
-                outs=tuple(sub(p) for p in _paths(body.get("outs"))),
+                outs=tuple(sub(p) for p in (*_paths(body.get("outs")), *_paths(body.get("plots")))),
                 metrics=tuple(sub(p) for p in _paths(body.get("metrics"))),
             ))
     return graph

@@ -171,6 +171,32 @@ def _log_reports(client, run_id: str, root: Path, reports: list[str]) -> None:
             client.log_artifact(run_id, str(path), artifact_path=parent)
 
 
+CURVES = "reports/curves/"
+
+
+def curve_metrics(root: Path, reports: list[str]) -> list:
+    """Learning curves among ``reports`` (JSON lists of per-step entries) as MLflow step metrics
+    ``curve/<path under reports/curves>/<field>``, e.g. ``curve/recover/int3/sentiment/compressed_cpet/kl``."""
+    import json
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    out = []
+    for rel in reports:
+        if not rel.startswith(CURVES):
+            continue
+        path = root / rel
+        files = sorted(path.rglob("*.json")) if path.is_dir() else [path] if path.is_file() else []
+        for f in files:
+            name = f.relative_to(root / CURVES).with_suffix("").as_posix()
+            for entry in json.loads(f.read_text()):
+                for field, value in entry.items():
+                    if field != "step" and isinstance(value, (int, float)) and value == value:
+                        out.append(Metric(key(f"curve/{name}/{field}"), float(value), now, int(entry["step"])))
+    return out
+
+
 class StageRun:
     """The live run a stage logs into; ``finish(metrics)`` records what the stage returned."""
 
@@ -241,6 +267,9 @@ def stage_run(params, root: str | os.PathLike, stage: str, item: str | None = No
     finally:
         try:
             _log_reports(client, run_id, root, reports)
+            curves = curve_metrics(root, reports)
+            for i in range(0, len(curves), 1000):
+                client.log_batch(run_id, metrics=curves[i : i + 1000])
         finally:
             mlflow.end_run(status)
 

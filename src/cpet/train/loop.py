@@ -104,6 +104,8 @@ def train(model: nn.Module, data: TokenizedExamples, loss_fn: LossFn, config: Tr
           progress: bool = True) -> TrainResult:
     """Train ``model``'s trainable set in place; resume from ``checkpoint_dir`` when it holds one.
 
+    The result's ``history`` has one entry per step: ``step``, ``lr``, ``loss`` and the loss
+    function's logs (e.g. ``task``, ``mse``, ``kl``) and ``validation`` (None between evaluations).
     ``evaluate(model) -> metric`` (higher is better) runs on the main process every
     ``eval_every`` steps and at the end, under the same autocast as the training step; the best
     step's trainable weights are kept and, with ``restore_best``, loaded at the end. Without
@@ -166,6 +168,7 @@ def _train(model, data, loss_fn, config, *, trainable, evaluate, checkpoint_dir,
             with autocast():
                 loss, logs = loss_fn(wrapped, batch)
             acc.backward(loss)
+            lr = scheduler.get_last_lr()[0]  # the rate this step applies
             if config.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(clip, config.max_grad_norm)  # DDP grads are already averaged
             optimizer.step()
@@ -178,13 +181,15 @@ def _train(model, data, loss_fn, config, *, trainable, evaluate, checkpoint_dir,
             rate = seen / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{loss_value:.4f}", ex_s=f"{rate:.1f}", refresh=False)
             bar.update(1)
+            # the same keys every step (DVC plots need that): validation is null between evaluations
+            state.history.append({"step": state.step, "lr": lr, "loss": loss_value, **logs, "validation": None})
 
             last = state.step == config.steps
             if evaluate is not None and (last or (config.eval_every and state.step % config.eval_every == 0)):
                 with autocast():
                     metric = [evaluate(acc.unwrap_model(wrapped)) if acc.is_main_process else None]
                 metric = broadcast_object_list(metric)[0] if world > 1 else metric[0]
-                state.history.append({"step": state.step, "metric": metric, "loss": loss_value, **logs})
+                state.history[-1]["validation"] = metric
                 if _better(metric, state.best_metric):
                     state.best_metric, state.best_step = metric, state.step
                     best = {n: p.detach().clone() for n, p in params.items()}
