@@ -49,9 +49,8 @@ REASONS: dict[str, tuple[type[Exception], str, str]] = {
     "ffn_width": (Unsupported, r"structured cannot compress BloomForCausalLM: ffn_ratio: BloomConfig has no field",
                   "the FFN width is hard-coded as 4 x hidden_size (no config field to rewrite)"),
 }
-NO_CUDA = not torch.cuda.is_available()
 REFUSED: dict[tuple[str, str], str] = {
-    **{(f, "nf4"): "cuda" for f in FAMILIES if NO_CUDA},
+    **{(f, "nf4"): "cuda" for f in FAMILIES},  # the table shows CPU hosts; CUDA hosts skip these cells
     **{(f, "structured-heads"): "fused" for f in ("gpt_neox", "gpt2", "bloom", "falcon")},
     ("opt", "structured-heads"): "head_dim",
     ("bloom", "structured-ffn"): "ffn_width",
@@ -106,6 +105,8 @@ def test_support_matrix(family, case, calib, tmp_path):
     model = build(family)
     cfg = parse_config(case, CASES[case])
     if (family, case) in REFUSED:
+        if REFUSED[family, case] == "cuda" and torch.cuda.is_available():
+            pytest.skip("nf4 on CUDA is covered by test_compress_quant; this matrix checks the CPU refusal")
         cls, pattern, _ = REASONS[REFUSED[family, case]]
         with pytest.raises(cls, match=pattern) as err:
             compress(model, cfg, calib)
@@ -160,7 +161,7 @@ def support_table() -> str:
 
 def test_readme_support_table_matches_the_matrix():
     text = README.read_text()
-    block = re.compile(re.escape(START) + r"\n.*?\n" + re.escape(END), re.S)
+    block = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
     assert block.search(text), f"README.md lacks the {START} ... {END} section"
     fresh = f"{START}\n{support_table()}\n{END}"
     if os.environ.get("CPET_WRITE_SUPPORT_TABLE") == "1":
