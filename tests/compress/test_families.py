@@ -21,6 +21,7 @@ import transformers as tf
 from families import FAMILIES, build
 
 from cpet.compress import METHODS, compress, load_compressed, load_compressed_model, parse_config, save_compressed
+from cpet.compress.arch import linear_layers
 from cpet.errors import CpetError, Unsupported
 
 #: matrix column -> method config (tiny shapes: hidden 64, FFN 128 or 256)
@@ -55,6 +56,8 @@ REFUSED: dict[tuple[str, str], str] = {
     ("opt", "structured-heads"): "head_dim",
     ("bloom", "structured-ffn"): "ffn_width",
 }
+#: cases that must record every projection except the LM head (GPT-2's Conv1D ones included)
+EVERY_LAYER = {"int8", "int4", "int3", "unstructured", "2:4", "nm", "mixed"}
 IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(3))
 MASK = torch.tensor([[1] * 10, [1] * 7 + [0] * 3])
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -114,6 +117,8 @@ def test_support_matrix(family, case, calib, tmp_path):
         return
     cm = compress(model, cfg, calib)
     cm.verify()
+    if case in EVERY_LAYER:
+        assert set(cm.records) == set(linear_layers(model))
     reference = logits(cm.model)
     assert torch.isfinite(reference).all()
     man = save_compressed(cm, tmp_path / "c")
