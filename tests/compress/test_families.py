@@ -20,7 +20,14 @@ import torch
 import transformers as tf
 from families import FAMILIES, build
 
-from cpet.compress import METHODS, compress, load_compressed, load_compressed_model, parse_config, save_compressed
+from cpet.compress import (
+    METHODS,
+    compress,
+    load_compressed,
+    load_compressed_model,
+    parse_config,
+    save_compressed,
+)
 from cpet.compress.arch import linear_layers
 from cpet.errors import CpetError, Unsupported
 
@@ -43,8 +50,8 @@ FUSED = r"structured cannot compress (GPT2LMHeadModel|GPTNeoXForCausalLM|BloomFo
 REASONS: dict[str, tuple[type[Exception], str, str]] = {
     "cuda": (CpetError, r"nf4 is bitsandbytes 4-bit NF4 and needs a CUDA GPU",
              "needs a CUDA GPU (bitsandbytes NF4); refused on CPU hosts"),
-    "fused": (Unsupported, FUSED, "heads live in a fused QKV projection and the config derives head_dim "
-                                  "from hidden_size / heads, so fewer heads cannot be described"),
+    "fused": (Unsupported, FUSED, ("heads live in a fused QKV projection and the config derives head_dim "
+                                   "from hidden_size / heads, so fewer heads cannot be described")),
     "head_dim": (Unsupported, r"structured cannot compress OPTForCausalLM: .*does not have the sliced shapes",
                  "the attention derives head_dim from hidden_size / heads (no head_dim config field)"),
     "ffn_width": (Unsupported, r"structured cannot compress BloomForCausalLM: ffn_ratio: BloomConfig has no field",
@@ -166,7 +173,7 @@ def support_table() -> str:
 
 def test_readme_support_table_matches_the_matrix():
     text = README.read_text()
-    block = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
+    block = re.compile(re.escape(START) + r".*?" + re.escape(END), re.DOTALL)
     assert block.search(text), f"README.md lacks the {START} ... {END} section"
     fresh = f"{START}\n{support_table()}\n{END}"
     if os.environ.get("CPET_WRITE_SUPPORT_TABLE") == "1":

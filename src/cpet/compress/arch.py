@@ -202,16 +202,20 @@ def _ffn_candidates(name: str, mod: nn.Module, hidden: int) -> list[FFN]:
     return out
 
 
+def _full(ffn: FFN, role: str) -> str:
+    """Module path of one role's projection."""
+    return f"{ffn.name}.{getattr(ffn, role)}" if ffn.name else getattr(ffn, role)
+
+
 @torch.no_grad()
 def find_ffns(model: nn.Module) -> list[FFN]:
     """Every recognised FFN, in model order; roles confirmed on one forward pass."""
     hidden = hidden_size(model.config)
     cands = [f for n, m in model.named_modules() for f in _ffn_candidates(n, m, hidden)]
-    watch = {f"{f.name}.{getattr(f, r)}" if f.name else getattr(f, r): f.child(r)
-             for f in cands for r in ("up", "down", "gate") if getattr(f, r)}
+    watch = {_full(f, r): f.child(r) for f in cands for r in ("up", "down", "gate") if getattr(f, r)}
     watch |= {f.name: f.module for f in cands if f.standalone}
     seen = _probe(model, watch)
-    full = lambda f, role: f"{f.name}.{getattr(f, role)}" if f.name else getattr(f, role)  # noqa: E731
+    full = _full
     found, done = [], set()
     for f in cands:
         if f.name in done or any(full(f, r) not in seen for r in ("up", "down", "gate") if getattr(f, r)):
@@ -247,7 +251,7 @@ class Attention:
 def head_counts(config) -> tuple[int, int, int]:
     """(query heads, KV heads, head_dim) as the config states or implies them."""
     hidden = hidden_size(config)
-    nh = int(getattr(config, "num_attention_heads", None) or getattr(config, "n_head"))
+    nh = int(getattr(config, "num_attention_heads", None) or config.n_head)
     nkv = getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None) or nh
     return nh, int(nkv), int(getattr(config, "head_dim", None) or hidden // nh)
 
