@@ -11,3 +11,8 @@ class ConfigError(CpetError):
 
 class DataError(CpetError):
     """Input data is malformed or failed validation; the message names file/row/expectation."""
+
+
+class Unsupported(CpetError):
+    """A method cannot compress this model (no layer to work on, or a shape it cannot rewrite);
+    the message names the model class and the method."""

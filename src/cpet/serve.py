@@ -30,6 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from cpet.compress.arch import projection
 from cpet.errors import CpetError
 from cpet.export.sidepath import SidePath, layer_terms, side_terms
 from cpet.lmcls import Verbalizer, predict
@@ -58,7 +59,8 @@ class TaskSwitchLinear(nn.Module):
         self.base = base
         self.tasks = nn.ModuleDict()
         self.active: str | None = None
-        self.in_features, self.out_features = base.in_features, base.out_features
+        p = projection(base)  # a float Linear / Conv1D, else a packed layer with its own *_features
+        self.in_features, self.out_features = (p or base).in_features, (p or base).out_features
 
     def add(self, task: str, sides: list[SidePath]) -> None:
         self.tasks[task] = nn.ModuleList(sides)

@@ -26,9 +26,10 @@ import torch
 from torch import nn
 
 from cpet.compress import qmath
+from cpet.compress.arch import matrix
 from cpet.compress.config import MethodConfig
 from cpet.compress.registry import METHODS, parse_config
-from cpet.errors import ConfigError, CpetError
+from cpet.errors import ConfigError, CpetError, Unsupported
 
 #: calibration batches: dicts with ``input_ids`` and optionally ``attention_mask`` tensors
 Calibration = list[dict[str, torch.Tensor]]
@@ -72,12 +73,13 @@ class CompressedModel:
     records: dict[str, WeightRecord] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)  # manifest material: steps, kept, moe, source
 
-    def weight_of(self, name: str) -> nn.Parameter:
-        """The weight parameter of module ``name`` (also through peft wrappers)."""
+    def weight_of(self, name: str) -> torch.Tensor:
+        """The weight of module ``name`` as ``[out, in]`` (also through peft wrappers)."""
         model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         mod = model.get_submodule(name)
-        mod = getattr(mod, "base_layer", mod)
-        return mod.weight
+        while hasattr(mod, "base_layer"):
+            mod = mod.base_layer
+        return matrix(mod)
 
     def verify(self) -> None:
         """Raise CpetError if a pruned weight is non-zero or a quantized weight left its grid."""
@@ -104,9 +106,11 @@ def freeze(model: nn.Module) -> nn.Module:
 
 
 def set_weight(module: nn.Module, value: torch.Tensor) -> None:
-    """Overwrite a module's weight in place (keeps ties and the Parameter object)."""
+    """Overwrite a module's weight (``value`` as ``[out, in]`` for projections) in place: keeps ties
+    and the Parameter object."""
     with torch.no_grad():
-        module.weight.copy_(value.to(module.weight.dtype))
+        w = matrix(module)
+        w.copy_(value.to(w.dtype))
 
 
 def param_count(model: nn.Module) -> int:
@@ -139,7 +143,31 @@ def compress(
     cm.info["steps"] = []
     apply_step(cm, cfg, calib)
     freeze(cm.model)
+    require_change(cm)
     return cm
+
+
+def refuse(cm: CompressedModel, cfg: MethodConfig, why: str) -> Unsupported:
+    """The one-line error for a method that cannot work on this model (raise it)."""
+    return Unsupported(f"{cfg.key()}: {cfg.method} cannot compress {cm.info['source']['model_class']}: {why}")
+
+
+def require_targets(cm: CompressedModel, cfg: MethodConfig, targets: dict) -> dict:
+    """``targets`` if non-empty, else raise :class:`Unsupported`: no layer to compress."""
+    if not targets:
+        raise refuse(cm, cfg, f"no projection layer (nn.Linear / Conv1D) to compress "
+                              f"(exclude = {getattr(cfg, 'exclude', [])})")
+    return targets
+
+
+def require_change(cm: CompressedModel) -> None:
+    """Raise :class:`Unsupported` unless some weight was quantized, some weight was masked to zero,
+    or the structure changed: a method never reports "compressed" on a model it left as it was."""
+    masked = any(r.mask is not None and not bool(r.mask.all()) for r in cm.records.values())
+    quantized = any(r.quant is not None for r in cm.records.values())
+    shrunk = param_count(cm.model) != cm.info["source"]["parameters"] or bool(cm.info.get("moe"))
+    if not (masked or quantized or shrunk):
+        raise refuse(cm, cm.config, "nothing in the model changed (no layer quantized, pruned or restructured)")
 
 
 def apply_step(cm: CompressedModel, cfg: MethodConfig, calib: Calibration | None) -> None:

@@ -8,6 +8,9 @@
 * Router: ``fitted`` = ridge regression, on calibration tokens, from the FFN input to each
   expert's output norm ``||down_e(act(gate_e x) * up_e x)||``; ``centroid`` = similarity of
   the input to the mean normalised gate (or up) row of each expert (no data needed).
+* Placement: a standalone FFN module (an ``.mlp``) is replaced whole; a plain FFN whose roles sit
+  on a larger module (OPT's decoder layer, BLOOM's MLP that also adds the residual) keeps its place:
+  the MoE module takes the ``down`` slot, ``up`` and the activation become ``nn.Identity``.
 * Forward: the selected experts' outputs are summed without weights, computing only those
   experts for only the tokens that chose them, so ``top_k == num_experts`` is the dense FFN.
 
@@ -24,7 +27,7 @@ from torch import nn
 from cpet.compress import calib as calibration
 from cpet.compress.arch import FFN, find_ffns, parent_of
 from cpet.compress.config import MoEConfig
-from cpet.compress.core import Calibration, CompressedModel, freeze, require_calib
+from cpet.compress.core import Calibration, CompressedModel, freeze, refuse, require_calib
 from cpet.compress.registry import MOE, Method, register
 from cpet.errors import CpetError
 
@@ -115,7 +118,7 @@ class MoEFFN(nn.Module):
     def from_ffn(cls, ffn: FFN, groups: list[torch.Tensor], top_k: int, hidden: int) -> MoEFFN:
         """Experts holding the given neuron groups of ``ffn`` (weights copied)."""
         roles = {"gate": ffn.gate, "up": ffn.up, "down": ffn.down}
-        up, down = ffn.child("up"), ffn.child("down")
+        up, down = ffn.proj("up"), ffn.proj("down")
         moe = cls(roles, hidden, ffn.width, len(groups), top_k, getattr(ffn.module, ffn.act),
                   up.bias is not None, down.bias is not None)  # fmt: skip
         moe.to(device=down.weight.device, dtype=down.weight.dtype)
@@ -125,14 +128,14 @@ class MoEFFN(nn.Module):
                 ex = moe.experts[e]
                 for role in ("gate", "up"):
                     if roles[role]:
-                        src, dst = ffn.child(role), getattr(ex, roles[role])
+                        src, dst = ffn.proj(role), getattr(ex, roles[role])
                         dst.weight.copy_(src.weight[idx])
                         if src.bias is not None:
                             dst.bias.copy_(src.bias[idx])
                 getattr(ex, roles["down"]).weight.copy_(down.weight[:, idx])
             if down.bias is not None:
                 moe.down_bias.copy_(down.bias)
-            rows = ffn.child("gate" if ffn.gate else "up").weight.detach().float()
+            rows = ffn.proj("gate" if ffn.gate else "up").weight.detach().float()
             rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
             moe.router.weight.copy_(torch.stack([rows[idx].mean(0) for idx in groups]))
         return moe
@@ -217,21 +220,23 @@ def apply_moe(cm: CompressedModel, cfg: MoEConfig, calib: Calibration | None) ->
     hidden = model.get_input_embeddings().weight.shape[1]
     ffns = find_ffns(model)
     if not ffns:
-        raise CpetError(f"{cfg.key('method')}: no FFN module recognised in {type(model).__name__}")
+        raise refuse(cm, cfg, "no FFN (up -> activation -> down projections) recognised")
+    if any(f.gate and not f.standalone for f in ffns):
+        raise refuse(cm, cfg, "a gated FFN that is not a module of its own cannot be replaced by experts")
     layers, moes = {}, []
     for ffn in ffns:
         if ffn.width % cfg.num_experts:
             raise cfg.error("num_experts", f"must divide the FFN width {ffn.width} ({ffn.name})")
-        rows = [ffn.child(r).weight.detach().float() for r in ("gate", "up") if getattr(ffn, r)]
+        rows = [ffn.proj(r).weight.detach().float() for r in ("gate", "up") if getattr(ffn, r)]
         feats = torch.cat([torch.nn.functional.normalize(r, dim=1) for r in rows], 1)
         groups = balanced_kmeans(feats, cfg.num_experts, cfg.kmeans_iters, cfg.seed)
         moe = MoEFFN.from_ffn(ffn, groups, cfg.top_k, hidden)
-        parent, child = parent_of(model, ffn.name)
-        setattr(parent, child, moe)
+        slot = "module" if ffn.standalone else "down"
+        layers[ffn.name] = {"roles": moe.experts[0].roles, "act": ffn.act, "width": ffn.width, "slot": slot,
+                            "in_bias": ffn.proj("up").bias is not None,
+                            "down_bias": ffn.proj("down").bias is not None}  # fmt: skip
+        place(model, ffn.name, moe, ffn.act, moe.experts[0].roles, slot)
         moes.append(moe)
-        layers[ffn.name] = {"roles": moe.experts[0].roles, "act": ffn.act, "width": ffn.width,
-                            "in_bias": ffn.child("up").bias is not None,
-                            "down_bias": ffn.child("down").bias is not None}  # fmt: skip
     if cfg.router == "fitted":
         _fit_routers(model, moes, calib, cfg.ridge)
     freeze(model)
@@ -248,16 +253,35 @@ def apply_moe(cm: CompressedModel, cfg: MoEConfig, calib: Calibration | None) ->
     return {k: v for k, v in info.items() if k != "layers"}
 
 
+def _place_module(model: nn.Module, name: str, moe: MoEFFN, act: str, roles: dict) -> None:
+    parent, child = parent_of(model, name)
+    setattr(parent, child, moe)
+
+
+def _place_down(model: nn.Module, name: str, moe: MoEFFN, act: str, roles: dict) -> None:
+    owner = model.get_submodule(name)
+    setattr(owner, roles["down"], moe)  # x -> up -> act -> down becomes x -> id -> id -> moe(x)
+    setattr(owner, roles["up"], nn.Identity())
+    setattr(owner, act, nn.Identity())
+
+
+#: where a MoEFFN goes: instead of the FFN module, or into the down slot of the module holding the roles
+PLACEMENTS = {"module": _place_module, "down": _place_down}
+
+
+def place(model: nn.Module, name: str, moe: MoEFFN, act: str, roles: dict, slot: str) -> None:
+    PLACEMENTS[slot](model, name, moe, act, roles)
+
+
 def install_skeleton(model: nn.Module, info: dict) -> None:
     """Replace the FFNs named in a manifest's ``moe`` section by empty MoEFFNs (before loading weights)."""
     hidden = model.get_input_embeddings().weight.shape[1]
     dtype = next(model.parameters()).dtype
     for name, layer in info["layers"].items():
-        parent, child = parent_of(model, name)
         act = getattr(model.get_submodule(name), layer["act"])
         moe = MoEFFN(layer["roles"], hidden, layer["width"], info["num_experts"], info["top_k"], act,
                      layer["in_bias"], layer["down_bias"]).to(dtype)  # fmt: skip
-        setattr(parent, child, moe)
+        place(model, name, moe, layer["act"], layer["roles"], layer.get("slot", "module"))
 
 
 register(Method("moe", MoEConfig, apply_moe, MOE, "MoEfication: top-k experts per token"))

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from cpet.compress import calib as calibration
-from cpet.compress.arch import linear_layers
+from cpet.compress.arch import linear_layers, matrix, projection
 from cpet.compress.config import NMConfig, UnstructuredConfig
-from cpet.compress.core import Calibration, CompressedModel, WeightRecord, require_calib
+from cpet.compress.core import Calibration, CompressedModel, WeightRecord, require_calib, require_targets
 from cpet.compress.registry import PRUNING, Method, register
 
 
@@ -48,27 +48,28 @@ def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
 def set_mask(cm: CompressedModel, name: str, module: nn.Module, mask: torch.Tensor) -> None:
     """Zero the pruned weights and remember the mask."""
     with torch.no_grad():
-        module.weight.mul_(mask.to(module.weight.dtype))
+        w = matrix(module)
+        w.mul_(mask.to(w.dtype))
     cm.records.setdefault(name, WeightRecord("linear")).mask = mask
 
 
 def _prune(cm: CompressedModel, cfg, calib: Calibration | None, make_mask) -> dict:
     if cfg.score == "wanda":
         require_calib(cfg, "score", "wanda", calib)
-    targets = linear_layers(cm.model, cfg.exclude)
+    targets = require_targets(cm, cfg, linear_layers(cm.model, cfg.exclude))
     if cfg.score == "magnitude":
         for name, mod in targets.items():
-            set_mask(cm, name, mod, make_mask(mod.weight.detach().abs().float()))
+            set_mask(cm, name, mod, make_mask(matrix(mod).detach().abs().float()))
     else:
 
         def add(state, x):
             state[0] += x.square().sum(0)
 
         def process(name, mod, state):
-            score = mod.weight.detach().abs().float() * state[0].sqrt().unsqueeze(0)
+            score = matrix(mod).detach().abs().float() * state[0].sqrt().unsqueeze(0)
             set_mask(cm, name, mod, make_mask(score))
 
-        new = lambda m: [torch.zeros(m.in_features, device=m.weight.device)]  # noqa: E731
+        new = lambda m: [torch.zeros(projection(m).in_features, device=m.weight.device)]  # noqa: E731
         calibration.sequential_stats(cm.model, calib, targets, new, add, process)
     kept = sum(int(cm.records[n].mask.sum()) for n in targets)
     total = sum(m.weight.numel() for m in targets.values())
@@ -81,11 +82,11 @@ def apply_unstructured(cm: CompressedModel, cfg: UnstructuredConfig, calib: Cali
 
 def apply_nm(cm: CompressedModel, cfg: NMConfig, calib: Calibration | None) -> dict:
     for name, mod in linear_layers(cm.model, cfg.exclude).items():
-        if mod.in_features % cfg.m:
+        if projection(mod).in_features % cfg.m:
             raise cfg.error(
                 "m",
                 f"must divide the input width of every pruned layer; {cfg.m} does not divide "
-                f"{mod.in_features} ({name})",
+                f"{projection(mod).in_features} ({name})",
             )
     out = _prune(cm, cfg, calib, lambda s: nm_mask(s, cfg.n, cfg.m))
     return {**out, "n": cfg.n, "m": cfg.m}

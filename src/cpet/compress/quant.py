@@ -14,9 +14,17 @@ from torch import nn
 
 from cpet.compress import calib as calibration
 from cpet.compress import qmath
-from cpet.compress.arch import excluded, linear_layers
+from cpet.compress.arch import excluded, linear_layers, matrix, projection
 from cpet.compress.config import Int8Config, IntNConfig, Nf4Config
-from cpet.compress.core import Calibration, CompressedModel, QuantRecord, WeightRecord, require_calib, set_weight
+from cpet.compress.core import (
+    Calibration,
+    CompressedModel,
+    QuantRecord,
+    WeightRecord,
+    require_calib,
+    require_targets,
+    set_weight,
+)
 from cpet.compress.gptq import gptq
 from cpet.compress.registry import QUANTIZATION, Method, register
 from cpet.errors import CpetError
@@ -55,7 +63,7 @@ def rtn(weight: torch.Tensor, bits: int, group_size: int, codebook: str | None =
 
 def _check_groups(targets, cfg, field: str, size: int) -> None:
     for name, (mod, _) in targets.items():
-        cols = mod.weight.shape[1]
+        cols = matrix(mod).shape[1]
         if cols % size:
             raise cfg.error(
                 field, f"must divide the input width of every quantized layer; {size} does not divide {cols} ({name})"
@@ -63,9 +71,9 @@ def _check_groups(targets, cfg, field: str, size: int) -> None:
 
 
 def apply_int8(cm: CompressedModel, cfg: Int8Config, calib: Calibration | None) -> dict:
-    targets = quant_targets(cm.model, cfg)
+    targets = require_targets(cm, cfg, quant_targets(cm.model, cfg))
     for name, (mod, kind) in targets.items():
-        store(cm, name, mod, kind, rtn(mod.weight, 8, mod.weight.shape[1]))
+        store(cm, name, mod, kind, rtn(matrix(mod), 8, matrix(mod).shape[1]))
     return {"bits": 8, "granularity": "per-output-channel", "quantized": len(targets)}
 
 
@@ -73,12 +81,12 @@ def apply_intn(cm: CompressedModel, cfg: IntNConfig, calib: Calibration | None) 
     algorithm = cfg.algorithm if cfg.algorithm != "auto" else ("gptq" if calib is not None else "rtn")
     if algorithm == "gptq":
         require_calib(cfg, "algorithm", "gptq", calib)
-    targets = quant_targets(cm.model, cfg)
+    targets = require_targets(cm, cfg, quant_targets(cm.model, cfg))
     _check_groups(targets, cfg, "group_size", cfg.group_size)
     head = cm.model.get_output_embeddings()
     rtn_only = {n: t for n, t in targets.items() if algorithm == "rtn" or t[1] == "embedding" or t[0] is head}
     for name, (mod, kind) in rtn_only.items():
-        store(cm, name, mod, kind, rtn(mod.weight, cfg.bits, cfg.group_size))
+        store(cm, name, mod, kind, rtn(matrix(mod), cfg.bits, cfg.group_size))
     linears = {n: t[0] for n, t in targets.items() if n not in rtn_only}
     if linears:
 
@@ -89,10 +97,13 @@ def apply_intn(cm: CompressedModel, cfg: IntNConfig, calib: Calibration | None) 
         def process(name, mod, state):
             hessian = state[0] / max(state[1], 1)
             mask = cm.records[name].mask if name in cm.records else None
-            levels, scales = gptq(mod.weight, hessian, cfg.bits, cfg.group_size, cfg.damp, cfg.block_size, mask)
+            levels, scales = gptq(matrix(mod), hessian, cfg.bits, cfg.group_size, cfg.damp, cfg.block_size, mask)
             store(cm, name, mod, "linear", QuantRecord(cfg.bits, cfg.group_size, levels, scales))
 
-        new = lambda m: [torch.zeros(m.in_features, m.in_features, device=m.weight.device), 0]  # noqa: E731
+        def new(m):
+            n = projection(m).in_features
+            return [torch.zeros(n, n, device=m.weight.device), 0]
+
         calibration.sequential_stats(cm.model, calib, linears, new, add, process)
     return {"bits": cfg.bits, "group_size": cfg.group_size, "algorithm": algorithm, "quantized": len(targets)}
 
@@ -110,15 +121,15 @@ def apply_nf4(cm: CompressedModel, cfg: Nf4Config, calib: Calibration | None) ->
     table = bnbf.get_4bit_type("nf4", device="cuda").float().cpu()
     if not torch.allclose(table, torch.tensor(qmath.NF4), atol=1e-6):
         raise CpetError("nf4: this bitsandbytes build uses a different NF4 table than cpet expects")
-    targets = quant_targets(cm.model, cfg)
+    targets = require_targets(cm, cfg, quant_targets(cm.model, cfg))
     _check_groups(targets, cfg, "block_size", cfg.block_size)
     for name, (mod, kind) in targets.items():
-        w = mod.weight.detach().to("cuda", torch.float32).contiguous()
+        w = matrix(mod).detach().to("cuda", torch.float32).contiguous()
         packed, state = bnbf.quantize_4bit(w, blocksize=cfg.block_size, quant_type="nf4")
         ref = bnbf.dequantize_4bit(packed, state).float()
         scales = state.absmax.float().reshape(w.shape[0], -1)
         levels = qmath.quantize(ref, scales, 4, "nf4")  # bnb's codes, read back from its dequantized weights
-        rec = QuantRecord(4, cfg.block_size, levels.to(mod.weight.device), scales.to(mod.weight.device), "nf4")
+        rec = QuantRecord(4, cfg.block_size, levels.to(matrix(mod).device), scales.to(matrix(mod).device), "nf4")
         if not torch.allclose(rec.dequantize().to("cuda"), ref, atol=1e-5, rtol=1e-5):
             raise CpetError(f"nf4: could not reproduce bitsandbytes' dequantized weights of {name}")
         store(cm, name, mod, kind, rec)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from cpet.compress import qmath
-from cpet.compress.arch import parent_of
+from cpet.compress.arch import is_projection, parent_of, projection
 from cpet.compress.core import QuantRecord, WeightRecord, freeze
 
 
@@ -49,12 +49,13 @@ class _Packed(nn.Module):
 
 
 class QuantLinear(_Packed):
-    """Weight-only quantized replacement of ``nn.Linear``."""
+    """Weight-only quantized replacement of a projection (``nn.Linear``, ``Conv1D``)."""
 
-    def __init__(self, linear: nn.Linear, quant: QuantRecord) -> None:
-        super().__init__(linear.out_features, linear.in_features, quant, linear.weight.dtype)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    def __init__(self, linear: nn.Module, quant: QuantRecord) -> None:
+        p = projection(linear)
+        super().__init__(p.out_features, p.in_features, quant, p.weight.dtype)
+        self.in_features, self.out_features = p.in_features, p.out_features
+        self.bias = None if p.bias is None else nn.Parameter(p.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
@@ -84,7 +85,7 @@ def to_deploy(model: nn.Module, records: dict[str, WeightRecord]) -> nn.Module:
     owners: dict[int, list[str]] = {}
     for name, mod in deploy.named_modules(remove_duplicate=False):
         w = getattr(mod, "weight", None)
-        if isinstance(mod, (nn.Linear, nn.Embedding)) and isinstance(w, torch.Tensor):
+        if (is_projection(mod) or isinstance(mod, nn.Embedding)) and isinstance(w, torch.Tensor):
             owners.setdefault(id(w), []).append(name)
     for name, rec in records.items():
         if rec.quant is None:

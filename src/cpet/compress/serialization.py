@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from transformers.modeling_utils import no_init_weights
 
 from cpet.compress import qmath
+from cpet.compress.arch import matrix
 from cpet.compress.core import CompressedModel, QuantRecord, WeightRecord, freeze, set_weight
 from cpet.compress.registry import METHODS
 from cpet.compress.summary import summarize
@@ -54,7 +55,7 @@ def deploy_tensors(cm: CompressedModel) -> tuple[dict[str, torch.Tensor], dict[s
             tensors[key] = t.detach().contiguous()
     layers = {}
     for name, rec in cm.records.items():
-        w = state[f"{name}.weight"]
+        w = matrix(cm.model.get_submodule(name))  # [out, in], also for Conv1D
         if rec.quant is not None:
             levels = rec.quant.levels if rec.mask is None else rec.quant.levels[rec.mask].unsqueeze(0)
             tensors[f"{name}.weight.packed"] = qmath.pack(levels, rec.quant.bits)
@@ -165,7 +166,7 @@ def load_compressed_model(out_dir: str | os.PathLike) -> CompressedModel:
         if rec.quant is not None:
             set_weight(mod, rec.quant.dequantize())
         else:
-            w = torch.zeros_like(mod.weight)
+            w = torch.zeros_like(matrix(mod))
             w[rec.mask] = tensors[f"{name}.weight.values"].to(w.dtype)
             set_weight(mod, w)
     for alias, src in m["aliases"].items():  # tied to a packed weight: HF ties at init, check

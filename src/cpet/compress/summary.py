@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from cpet.compress.arch import projection
 from cpet.compress.core import CompressedModel, param_count
 
 
@@ -20,7 +20,7 @@ def summarize(cm: CompressedModel, bytes_on_disk: int | None = None) -> dict:
         tensors, _, _ = deploy_tensors(cm)
         bytes_on_disk = sum(t.numel() * t.element_size() for t in tensors.values())
     masks = [r.mask for r in cm.records.values() if r.mask is not None]
-    linear = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    linear = [p.weight for m in model.modules() if (p := projection(m)) is not None]
     zeros = sum(int((w == 0).sum()) for w in linear)
     source = cm.info.get("source", {})
     out = {

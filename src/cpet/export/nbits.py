@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from cpet.compress import qmath
+from cpet.compress.arch import projection
 from cpet.compress.core import QuantRecord
 from cpet.errors import CpetError
 
@@ -90,15 +91,16 @@ class NBitsLinear(nn.Module):
     just ``blob`` and ``scales``.
     """
 
-    def __init__(self, linear: nn.Linear, quant: QuantRecord) -> None:
+    def __init__(self, linear: nn.Module, quant: QuantRecord) -> None:
         super().__init__()
+        p = projection(linear)  # nn.Linear or Conv1D
         t = nbits_tensors(quant)
         self.K, self.N, self.bits, self.block = t["K"], t["N"], t["bits"], t["block_size"]
-        self.register_buffer("weight", quant.dequantize(linear.weight.dtype))
+        self.register_buffer("weight", quant.dequantize(p.weight.dtype))
         self.register_buffer("blob", t["blob"])
         self.register_buffer("scales", t["scales"])
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bias = None if p.bias is None else nn.Parameter(p.bias.detach().clone(), requires_grad=False)
+        self.in_features, self.out_features = p.in_features, p.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _MatMulNBits.apply(x, self.weight, self.blob, self.scales, self.K, self.N, self.bits, self.block)

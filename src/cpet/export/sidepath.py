@@ -28,6 +28,7 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from cpet.compress.arch import projection
 from cpet.compress.core import WeightRecord
 from cpet.errors import CpetError
 from cpet.pet.recovery import RecoveryLayer
@@ -60,8 +61,9 @@ def _terms(layer: BaseTunerLayer) -> list[LowRank]:
     return out
 
 
-def layer_terms(model: nn.Module) -> dict[str, tuple[nn.Linear, list[LowRank]]]:
-    """Per module path of the plain base model: its base ``nn.Linear`` and every low-rank term on it."""
+def layer_terms(model: nn.Module) -> dict[str, tuple[nn.Module, list[LowRank]]]:
+    """Per module path of the plain base model: its base projection (``nn.Linear``, ``Conv1D``) and
+    every low-rank term on it."""
     plain = model.get_base_model() if isinstance(model, PeftModel) else model
     out: dict[str, tuple[nn.Linear, list[LowRank]]] = {}
     for name, mod in plain.named_modules():
@@ -71,8 +73,8 @@ def layer_terms(model: nn.Module) -> dict[str, tuple[nn.Linear, list[LowRank]]]:
         while isinstance(inner, BaseTunerLayer):
             terms += _terms(inner)
             inner = inner.base_layer
-        if not isinstance(inner, nn.Linear):
-            raise CpetError(f"export: {name} wraps a {type(inner).__name__}, only nn.Linear is supported")
+        if projection(inner) is None:
+            raise CpetError(f"export: {name} wraps a {type(inner).__name__}, only nn.Linear / Conv1D are supported")
         out[name] = (inner, terms)
     return out
 
@@ -93,7 +95,7 @@ def side_terms(terms: list[LowRank]) -> list[LowRank]:
 
 
 def fold(weight: torch.Tensor, terms: list[LowRank]) -> torch.Tensor:
-    """``W + sum B A`` over the linear terms, in float32."""
+    """``W + sum B A`` over the linear terms, in float32 (``weight`` as ``[out, in]``)."""
     w = weight.detach().float().clone()
     for t in terms:
         if t.act == "identity":
@@ -135,10 +137,18 @@ class SideLinear(nn.Module):
         return y
 
 
-def _float_linear(linear: nn.Linear, weight: torch.Tensor) -> nn.Linear:
-    new = copy.deepcopy(linear)
+def _float_linear(base: nn.Module, weight: torch.Tensor) -> nn.Linear:
+    """An ``nn.Linear`` computing ``base`` (a Linear or Conv1D) with ``weight`` ``[out, in]``."""
+    p = projection(base)
+    if isinstance(base, nn.Linear):
+        new = copy.deepcopy(base)
+    else:
+        new = nn.Linear(p.in_features, p.out_features, bias=p.bias is not None, dtype=p.weight.dtype,
+                        device=p.weight.device)
+        if p.bias is not None:
+            new.bias = nn.Parameter(p.bias.detach().clone(), requires_grad=False)
     with torch.no_grad():
-        new.weight = nn.Parameter(weight.to(linear.weight.dtype), requires_grad=False)
+        new.weight = nn.Parameter(weight.to(p.weight.dtype), requires_grad=False)
     return new
 
 
@@ -165,15 +175,15 @@ def plain_model(model: nn.Module, records: dict[str, WeightRecord] | None,
         rec = quant.get(name)
         sides = [t for t in ts if t.act != "identity"]
         if rec is None:
-            new_base = _float_linear(base, fold(base.weight, ts))
+            new_base = _float_linear(base, fold(projection(base).weight, ts))
         elif requantize:
             from cpet.compress.quant import rtn
 
-            q = rtn(fold(base.weight, ts), rec.quant.bits, rec.quant.group_size)
+            q = rtn(fold(projection(base).weight, ts), rec.quant.bits, rec.quant.group_size)
             new_base = _float_linear(base, q.dequantize())
             renamed[name] = WeightRecord("linear", q)
         else:
-            new_base = _float_linear(base, base.weight)
+            new_base = _float_linear(base, projection(base).weight)
             sides = side_terms(ts)
         module = SideLinear(new_base, [SidePath(t, dtype) for t in sides]) if sides else new_base
         work.set_submodule(name, module)

@@ -10,6 +10,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from cpet.compress.arch import is_projection, projection
 from cpet.config.library import LoraSettings
 from cpet.errors import ConfigError
 
@@ -17,10 +18,24 @@ ADAPTER_NAME = "default"
 
 
 def _linear_leaf(module: nn.Module) -> bool:
-    """An ``nn.Linear``, or a tuner layer (e.g. a recovery module) whose base is one."""
+    """A projection (``nn.Linear``, ``Conv1D``), or a tuner layer (e.g. a recovery module) whose base is one."""
     if isinstance(module, BaseTunerLayer):
-        return isinstance(module.get_base_layer(), nn.Linear)
-    return isinstance(module, nn.Linear)
+        return is_projection(module.get_base_layer())
+    return is_projection(module)
+
+
+def _matches(name: str, targets: list[str]) -> bool:
+    """peft's suffix matching of ``target_modules`` entries."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def fan_in_fan_out(model: nn.Module, targets: list[str]) -> bool:
+    """peft's ``fan_in_fan_out``: True when every targeted projection stores ``[in, out]`` (GPT-2's
+    Conv1D). With a mix (Conv1D attention, nn.Linear MoE experts) peft sets it per layer itself."""
+    kinds = {p.transposed for name, module in model.named_modules()
+             if (p := projection(module.get_base_layer() if isinstance(module, BaseTunerLayer) else module))
+             and _matches(name.replace(".base_layer", ""), targets)}
+    return kinds == {True}
 
 
 def _is_attention(name: str, module: nn.Module) -> bool:
@@ -62,7 +77,8 @@ def lora_config(settings: LoraSettings, model: nn.Module | None = None) -> LoraC
         if model is None:
             raise ConfigError("lora.target_modules: pass the model to discover attention projections")
         targets = attention_targets(model)
-    return LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+    flip = model is not None and fan_in_fan_out(model, list(targets))
+    return LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout, fan_in_fan_out=flip,
                       target_modules=list(targets), task_type="CAUSAL_LM", bias="none")
 
 

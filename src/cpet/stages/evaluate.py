@@ -4,11 +4,14 @@ Writes ``reports/results.json`` (rows ``{"task", "compression", "variant", "spli
 "macro_f1"}``), ``reports/results.md`` (a table per task with the recovery ratio
 ``(cpet - pet) / (original - pet)`` per compression method and an exact McNemar test of CPET
 against vanilla PET on the same test examples) and ``reports/results.png``; ``reports/evaluate.json``
-holds the ratios, the tests and the numerics used (``evaluate.mixed_precision``).
+holds the ratios, the tests and the numerics used (``evaluate.mixed_precision``);
+``reports/predictions.json`` every model's predicted label per test row (``{task: {"gold": [...],
+"<compression>/<variant>": [...]}}``), what the study's bootstrap intervals resample.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from cpet import io, paths
@@ -49,10 +52,11 @@ def evaluate(params: Params, root: str | Path = ".") -> dict:
     cfg = params.evaluate
     bf16 = use_bf16(cfg.mixed_precision, device())
     numerics = "bf16" if bf16 else "no"
-    rows, paired = [], {}
+    rows, paired, predictions = [], {}, {}
 
     def score(task: str, ev, compression: str, variant: str, model) -> list[int]:
         pred = _predict(model, ev, bf16)
+        predictions.setdefault(task, {"gold": list(ev.labels)})[f"{compression}/{variant}"] = pred
         metrics = accuracy_f1(ev.labels, pred, len(ev.label_ids))
         rows.append({"task": task, "compression": compression, "variant": variant, "split": cfg.split,
                      "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]})
@@ -75,6 +79,7 @@ def evaluate(params: Params, root: str | Path = ".") -> dict:
                 paired.setdefault(view.name, {})[method] = mcnemar(ev.labels, preds["compressed+pet"],
                                                                    preds["compressed+cpet"])
     io.write_json(root / "reports" / "results.json", rows)
+    io.write_text(root / "reports" / "predictions.json", json.dumps(predictions) + "\n")  # one line per file: small diffs
     io.write_text(root / "reports" / "results.md", markdown(rows, numerics, paired))
     plot(rows, root / "reports" / "results.png")
     metrics = {"rows": len(rows), "mixed_precision": numerics,

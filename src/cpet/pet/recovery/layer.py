@@ -12,6 +12,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from cpet.compress.arch import projection
+
 #: activation registry: name -> (module factory, mergeable)
 ACTIVATIONS: dict[str, tuple[type[nn.Module], bool]] = {
     "gelu": (nn.GELU, False),
@@ -34,12 +36,12 @@ class RecoveryLayer(BaseTunerLayer):
         self.scaling: dict[str, float] = {}
         self._disable_adapters = False
         self.merged_adapters = []
-        base = self.get_base_layer()
+        base = projection(self.get_base_layer())  # nn.Linear or Conv1D: features in one orientation
         self.in_features, self.out_features = base.in_features, base.out_features
 
     def update_layer(self, adapter_name: str, r: int, alpha: float, act: str) -> None:
         """Create adapter ``adapter_name``: A_rec Kaiming-uniform like LoRA's A, B_rec zero."""
-        weight = self.get_base_layer().weight
+        weight = projection(self.get_base_layer()).weight
         self.rec_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
         self.rec_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
         self.act[adapter_name] = ACTIVATIONS[act][0]()
@@ -63,7 +65,7 @@ class RecoveryLayer(BaseTunerLayer):
 
 
 class Linear(nn.Module, RecoveryLayer):
-    """Recovery modules around an ``nn.Linear`` (or around another tuner layer wrapping one)."""
+    """Recovery modules around a projection (``nn.Linear``, ``Conv1D``; or a tuner layer wrapping one)."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, r: int, alpha: float, act: str, **kwargs) -> None:
         super().__init__()
@@ -76,18 +78,18 @@ class Linear(nn.Module, RecoveryLayer):
         for name in adapter_names:
             if name not in self.rec_A:
                 continue
-            base = self.get_base_layer()
-            merged = base.weight.data + self.get_delta_weight(name).to(base.weight.dtype)
+            w = projection(self.get_base_layer()).weight.data  # [out, in] view of the stored weight
+            merged = w + self.get_delta_weight(name).to(w.dtype)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs when merging recovery adapter {name!r}")
-            base.weight.data = merged
+            w.copy_(merged)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            base = self.get_base_layer()
-            base.weight.data -= self.get_delta_weight(name).to(base.weight.dtype)
+            w = projection(self.get_base_layer()).weight.data
+            w -= self.get_delta_weight(name).to(w.dtype)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:

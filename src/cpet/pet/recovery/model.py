@@ -5,13 +5,14 @@ from __future__ import annotations
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
+from cpet.compress.arch import is_projection
 from cpet.pet.recovery.config import PREFIX, RecoveryConfig
 from cpet.pet.recovery.layer import Linear, RecoveryLayer
 
 
 def _is_linear(module: nn.Module) -> bool:
     base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-    return isinstance(base, nn.Linear)
+    return is_projection(base)
 
 
 class RecoveryModel(BaseTuner):
@@ -32,7 +33,7 @@ class RecoveryModel(BaseTuner):
             target.update_layer(adapter_name, config.r, config.alpha, config.act)
             return
         if not _is_linear(target):
-            raise ValueError(f"recovery modules support nn.Linear only; {current_key} is {type(target).__name__}")
+            raise ValueError(f"recovery modules support projections (nn.Linear, Conv1D) only; {current_key} is {type(target).__name__}")
         new = Linear(target, adapter_name, r=config.r, alpha=config.alpha, act=config.act)
         if adapter_name not in self.active_adapters:
             new.requires_grad_(False)
