@@ -188,3 +188,20 @@ def test_control_pip_download_of_the_same_sdist_runs_its_setup_py(tmp_path):
                     "--no-binary", ":all:", "--no-index", "--find-links", str(project),
                     "evil==1.0", "-d", str(tmp_path / "dl")], capture_output=True, timeout=120)
     assert marker.exists()
+
+
+def test_tampered_cache_stops_the_fetch_stage_before_it_writes(tmp_path, raw_params, index):
+    from cpet import data
+    from cpet.config import parse_params
+    from cpet.stages.fetch import prepare_task
+
+    raw_params["fetch"]["cache_dir"] = ".cache"
+    params = parse_params(raw_params)
+    cache = tmp_path / ".cache"
+    cache.mkdir()
+    (cache / "vaderSentiment-3.3.2.tar.gz").write_bytes(b"not what PyPI serves")
+    with pytest.raises(DataError, match=r"vaderSentiment-3.3.2.tar.gz: sha256 [0-9a-f]{64} does not match "
+                                        r"the pinned 5d7c06e0"):
+        prepare_task("sentiment", "sentiment", params, tmp_path)
+    assert not data.task_dir(tmp_path, "sentiment").exists()
+    assert index[2] == []
