@@ -122,7 +122,7 @@ def measure_memory(module: str, spec: dict, timeout: float = 600) -> dict:
     what = f"memory measurement of {spec.get('name', module)} (python -m {module})"
     try:
         proc = subprocess.run([sys.executable, "-m", module, "--memory", json.dumps(spec)], capture_output=True,
-                              text=True, timeout=timeout, env=env)
+                              text=True, timeout=timeout, env=env, check=False)
     except subprocess.TimeoutExpired:
         raise CpetError(f"{what} did not finish in {timeout:g} s") from None
     if proc.returncode != 0:

@@ -29,7 +29,7 @@ TIMEOUT_S = 180  # per network read; a stalled index fails instead of hanging th
 
 def _pip_settings() -> dict[str, str]:
     """``pip config list`` as {key: value} (it includes PIP_* environment variables as ``:env:.``)."""
-    proc = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, check=False,
                           text=True, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
     settings = {}
     for line in proc.stdout.splitlines():
