@@ -8,7 +8,7 @@ call ``cpet.stages.STAGES[name]`` (which also opens the stage's MLflow run, tagg
 run's id) with params loaded from the same ``params.yaml``. A stage that fans out (one output per
 compression method or task) runs one Prefect task per item on the chosen task runner: threads
 here, Dask or Ray on a cluster (``task_runner="dask"|"ray"``, the optional ``cluster`` extra).
-Only the stages that can fail transiently retry: ``fetch`` (pip downloads) and ``register``
+Only the stages that can fail transiently retry: ``fetch`` (package downloads) and ``register``
 (the MLflow server).
 
 As reproducible as ``dvc repro``: ``overrides`` (``{"recover.train.steps": 10}``) are written to

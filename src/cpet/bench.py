@@ -23,6 +23,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from cpet.errors import CpetError
+
 #: a model under test: (input_ids, attention_mask) -> anything (its output is discarded)
 Runner = Callable[[torch.Tensor, torch.Tensor], object]
 
@@ -117,9 +119,16 @@ def measure_memory(module: str, spec: dict, timeout: float = 600) -> dict:
     """Run ``python -m <module> --memory '<spec json>'`` (its :func:`memory_main`) in a fresh process;
     its last stdout line is JSON."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    proc = subprocess.run([sys.executable, "-m", module, "--memory", json.dumps(spec)], capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    what = f"memory measurement of {spec.get('name', module)} (python -m {module})"
+    try:
+        proc = subprocess.run([sys.executable, "-m", module, "--memory", json.dumps(spec)], capture_output=True,
+                              text=True, timeout=timeout, env=env, check=False)
+    except subprocess.TimeoutExpired:
+        raise CpetError(f"{what} did not finish in {timeout:g} s") from None
     if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise RuntimeError(f"memory measurement of {spec.get('name', spec)} failed: {tail}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        tail = ([ln.strip() for ln in proc.stderr.splitlines() if ln.strip()] or ["(no stderr)"])[-1]
+        raise CpetError(f"{what} failed with exit code {proc.returncode}: {tail}")
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        raise CpetError(f"{what} printed no JSON result on its last stdout line") from None

@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--tasks", help="comma-separated tasks (default: every configured task)")
     sv.add_argument("--host", help="bind address (default: params.yaml serve.host, 127.0.0.1)")
     sv.add_argument("--port", type=int, help="port (default: params.yaml serve.port)")
+    from cpet.loadtest import add_arguments as load_test_arguments
+    load_test_arguments(sub.add_parser("load-test", help="bounded load test of a running cpet serve (loopback)"))
     sub.add_parser("check-params", help="validate params.yaml and print it resolved")
     sd = sub.add_parser("stage-deps", help="each stage's code deps derived from its imports vs dvc.yaml")
     sd.add_argument("--write", action="store_true", help="rewrite the src/ deps in dvc.yaml to match")
@@ -106,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
                   args.tasks.split(",") if args.tasks else None, args.host or params.serve.host,
                   params.serve.port if args.port is None else args.port)
             return 0
+        if args.command == "load-test":
+            from cpet.loadtest import command as load_test
+
+            return load_test(params, Path(args.root), args)
         if args.command == "check-params":
             print(json.dumps(params.model_dump(by_alias=True), indent=2))
             return 0

@@ -104,20 +104,27 @@ def manifest(task: str, labels: list[str], splits: dict[str, list[dict]], seed: 
     }
 
 
-def read_jsonl(path: str | Path) -> list[Any]:
-    """Read one JSON value per line; a bad line raises DataError naming file and line."""
+def read_jsonl(path: str | Path, label: str | None = None) -> list[Any]:
+    """Read one JSON value per line; a line that is not UTF-8 or not JSON raises DataError naming
+    ``label`` (e.g. ``task/split``, default the file) and the line."""
     path = Path(path)
+    where = f"{label}: {path}" if label else str(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{where}:{lineno}: not valid UTF-8 "
+                                f"(byte 0x{raw[err.start]:02x} at column {err.start + 1})") from None
             if not line.strip():
                 continue
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
+                raise DataError(f"{where}:{lineno}: invalid JSON ({err.msg})") from None
     return rows
 
 
@@ -126,7 +133,7 @@ def task_dir(root: str | Path, task: str) -> Path:
 
 
 def load_split(root: str | Path, task: str, split: str) -> list[dict]:
-    return read_jsonl(task_dir(root, task) / f"{split}.jsonl")
+    return read_jsonl(task_dir(root, task) / f"{split}.jsonl", label=f"{task}/{split}")
 
 
 def load_manifest(root: str | Path, task: str) -> dict[str, Any]:

@@ -14,7 +14,8 @@ API (FastAPI; bound to 127.0.0.1 unless told otherwise)::
     POST /predict {"items": [{"task", "text"}...]}  a batch that mixes tasks
       -> {"results": [{"task", "label", "scores": {label: probability}}]}  in input order
 
-Unknown task: 404; empty, oversized or malformed input: 422; the server keeps serving after either.
+Unknown task: 404; empty, oversized or malformed input: 422; a failure inside prediction: 500 with
+the error's first line. The server keeps serving after any of them.
 Requests run one at a time (a lock): the active task is model state, and two CPU-bound batches
 side by side would only slow each other down.
 """
@@ -34,6 +35,14 @@ from cpet.compress.arch import projection
 from cpet.errors import CpetError
 from cpet.export.sidepath import SidePath, layer_terms, side_terms
 from cpet.lmcls import Verbalizer, predict
+
+
+class UnknownTaskError(CpetError):
+    """A request named a task this server does not hold (the only error answered with 404)."""
+
+    def __init__(self, task: str, served: list[str]) -> None:
+        super().__init__(f"unknown task {task!r}; served: {', '.join(served)}")
+        self.task = task
 
 
 class Item(BaseModel):
@@ -137,7 +146,7 @@ class Predictor:
     def __call__(self, items: list[tuple[str, str]]) -> list[dict]:
         unknown = sorted({t for t, _ in items if t not in self.tasks})
         if unknown:
-            raise KeyError(unknown[0])
+            raise UnknownTaskError(unknown[0], list(self.tasks))
         results: list[dict | None] = [None] * len(items)
         groups: dict[str, list[int]] = {}
         for i, (task, _) in enumerate(items):
@@ -214,10 +223,12 @@ def create_app(predictor: Predictor, *, max_texts: int, max_chars: int, compress
                 refuse(f"text {i} has {len(text)} characters; at most {max_chars}")
         try:
             return {"results": predictor(items)}
-        except KeyError as err:
-            task = err.args[0]
-            return JSONResponse(status_code=404, content={
-                "detail": f"unknown task {task!r}; served: {', '.join(predictor.tasks)}"})
+        except UnknownTaskError as err:
+            return JSONResponse(status_code=404, content={"detail": str(err)})
+        except Exception as err:  # noqa: BLE001 - any other failure is the server's: 500, keep serving
+            first = (str(err).strip().splitlines() or [""])[0]
+            detail = f"prediction failed: {type(err).__name__}" + (f": {first}" if first else "")
+            return JSONResponse(status_code=500, content={"detail": detail})
 
     return app
 

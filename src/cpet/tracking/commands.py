@@ -11,6 +11,24 @@ from cpet.tracking.registry import CHAMPION, latest_version, promote, version_me
 from cpet.tracking.runs import connect, resolve_uri
 
 
+#: what the registry stores answer for "no such alias" (sqlite: INVALID_PARAMETER_VALUE; REST and
+#: file stores: RESOURCE_DOES_NOT_EXIST); any other MlflowException is a real failure
+NO_ALIAS_CODES = ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST")
+
+
+def champion_version(client, model: str) -> str | None:
+    """The version ``model``'s champion alias points to, or None when it has no champion."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(model, CHAMPION).version)
+    except MlflowException as err:
+        if err.error_code in NO_ALIAS_CODES:
+            return None
+        first = (str(err).strip().splitlines() or [err.error_code])[0]
+        raise CpetError(f"{model}: looking up its {CHAMPION!r} alias failed: {first}") from None
+
+
 def promote_command(params, root: Path, model: str, version: str | None) -> int:
     """Re-check ``model``'s version (default: latest) against today's gates in params.yaml.
 
@@ -20,10 +38,7 @@ def promote_command(params, root: Path, model: str, version: str | None) -> int:
     version = version or latest_version(client, model)
     gates = params.register_.base_gates if model.startswith("cpet-base-") else params.register_.task_gates
     decision = promote(client, model, version, version_metrics(client, model, version), gates)
-    try:
-        champion = str(client.get_model_version_by_alias(model, CHAMPION).version)
-    except Exception:  # noqa: BLE001 - mlflow raises a generic MlflowException for "no such alias"
-        champion = None
+    champion = champion_version(client, model)
     print(json.dumps({"model": model, "version": version, "champion": champion, **decision.tags()}, indent=2))
     if not decision.passed:
         failed = "; ".join(f"{c.gate} ({c.describe()})" for c in decision.failed)
