@@ -139,7 +139,7 @@ def test_register_gate_promote_load_and_predict(tiny_project, monkeypatch, capsy
      "params.yaml: register.task_gates: unknown gate 'min_acc'; choose from"),
     (lambda r: r["register"].update(variant="compressed+recover"),
      "params.yaml: <root>: register.variant 'compressed+recover' is not in recover.variants"),
-    (lambda r: r["track"].pop("experiment"), "params.yaml: track.experiment: Field required"),
+    (lambda r: r["track"].pop("experiment"), "params.yaml: track.experiment: missing"),
 ])
 def test_bad_register_and_track_sections_name_the_key(raw_params, mutate, message):
     from cpet.errors import ConfigError

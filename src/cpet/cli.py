@@ -35,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, help="port (default: params.yaml serve.port)")
     from cpet.loadtest import add_arguments as load_test_arguments
     load_test_arguments(sub.add_parser("load-test", help="bounded load test of a running cpet serve (loopback)"))
+    st = sub.add_parser("study", help="run params.yaml study's DVC experiments one at a time (dvc exp run --temp)")
+    st.add_argument("--dry-run", action="store_true", help="print the dvc exp run commands only")
+    st.add_argument("--only", nargs="*", help="experiment names to run (default: all not yet done)")
+    sub.add_parser("study-report", help="aggregate the study's experiments into reports/study/")
     sub.add_parser("check-params", help="validate params.yaml and print it resolved")
     sd = sub.add_parser("stage-deps", help="each stage's code deps derived from its imports vs dvc.yaml")
     sd.add_argument("--write", action="store_true", help="rewrite the src/ deps in dvc.yaml to match")
@@ -107,6 +111,16 @@ def main(argv: list[str] | None = None) -> int:
             serve(params, Path(args.root), args.method or next(iter(params.compress.methods)),
                   args.tasks.split(",") if args.tasks else None, args.host or params.serve.host,
                   params.serve.port if args.port is None else args.port)
+            return 0
+        if args.command in ("study", "study-report"):
+            from cpet import study
+
+            if args.command == "study":
+                commands = study.run(params, Path(args.root), args.only, args.dry_run)
+                if args.dry_run:
+                    print("\n".join(commands))
+                return 0
+            print(json.dumps(study.write_report(params, Path(args.root)), indent=2))
             return 0
         if args.command == "load-test":
             from cpet.loadtest import command as load_test

@@ -56,6 +56,11 @@ class TrainConfig(Section):
         description="transformers attention kernel while training (eager, sdpa, flash_attention_2, ...); "
         "null = the model's own; restored afterwards")
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml11_no(cls, v):
+        return "no" if v is False else v  # `mixed_precision: no` unquoted (or rewritten by `dvc exp run -S`)
+
     @model_validator(mode="after")
     def _warmup_within_steps(self):
         if self.warmup_steps > self.steps:

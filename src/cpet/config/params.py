@@ -206,6 +206,11 @@ class EvaluateConfig(Section):
         "no", description="bf16 = forward passes under torch.autocast(bfloat16), as in training; no = float32; "
         "auto = bf16 where the device computes it natively")
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml11_no(cls, v):
+        return "no" if v is False else v  # `mixed_precision: no` unquoted (or rewritten by `dvc exp run -S`)
+
 
 # --------------------------------------------------------------------------- tracking / registry
 class TrackConfig(Section):
@@ -297,6 +302,35 @@ class ServeConfig(Section):
     batch_size: int = Field(gt=0)
 
 
+# --------------------------------------------------------------------------- study
+class BootstrapConfig(Section):
+    samples: int = Field(gt=0, description="bootstrap resamples of (seeds, test rows)")
+    confidence: float = Field(gt=0, lt=1, description="two-sided interval, e.g. 0.95")
+    seed: int
+
+
+class StudyConfig(Section):
+    """``cpet study``: DVC experiments on one cell of the comparison, aggregated by ``cpet study-report``."""
+
+    task: str = Field(description="the task every experiment trains and evaluates (others are removed)")
+    method: str = Field(description="the compress.methods entry every experiment uses (others are removed)")
+    seeds: list[int] = Field(min_length=1, description="recover.train.seed values: adapter init and data order")
+    variants: list[str] = Field(min_length=1, description="recover.variants of every experiment")
+    steps: list[int] = Field(description="recover.train.steps values (axis 'steps')")
+    max_train: int | None = Field(None, gt=0, description="fetch.split.max_train for the steps axis (null = as is)")
+    strength: list[dict[str, Any]] = Field(description="compress.methods.<method> settings (axis 'strength')")
+    distill: list[tuple[float, float]] = Field(description="(alpha, beta) of recover.distill (axis 'distill')")
+    bootstrap: BootstrapConfig
+
+    @field_validator("variants")
+    @classmethod
+    def _variants(cls, v: list[str]) -> list[str]:
+        bad = [x for x in v if x not in TRAINED_VARIANTS]
+        if bad:
+            raise ValueError(f"unknown variant {bad[0]!r}; choose from {list(TRAINED_VARIANTS)}")
+        return v
+
+
 # --------------------------------------------------------------------------- all
 class Params(Section):
     tasks: dict[str, TaskConfig]
@@ -311,6 +345,7 @@ class Params(Section):
     export: ExportConfig
     bench: BenchConfig
     serve: ServeConfig
+    study: StudyConfig
 
     def recover_methods(self) -> list[str]:
         """Compression methods in the CPET comparison: every configured one."""

@@ -1,0 +1,133 @@
+"""The study: DVC experiments over one cell and their statistics (issue 13)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from cpet import study
+from cpet.config import load_params, parse_params
+from cpet.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_experiments_change_one_axis_at_a_time_per_seed():
+    params = load_params(ROOT / "params.yaml")
+    exps = study.experiments(params)
+    s = params.study
+    names = [e.name for e in exps]
+    assert len(names) == len(set(names))
+    assert {e.seed for e in exps} == set(s.seeds)
+    base = [e for e in exps if e.axis == "base"]
+    assert len(base) == len(s.seeds)
+    for e in exps:  # every experiment keeps only the study's cell
+        assert f"recover.train.seed={e.seed}" in e.overrides
+        assert all(f"~tasks.{t}" in e.overrides for t in params.tasks if t != s.task)
+        assert all(f"~compress.methods.{m}" in e.overrides for m in params.compress.methods if m != s.method)
+    steps = {e.value for e in exps if e.axis == "steps"}
+    assert steps == {str(n) for n in s.steps if n != params.recover.train.steps}
+    raw = params.model_dump(by_alias=True, mode="json")
+    raw["study"]["task"] = "nope"
+    with pytest.raises(ConfigError, match="study.task: 'nope' is not a configured task"):
+        study.experiments(parse_params(raw))
+
+
+def _seed(rng, n, acc):
+    gold = rng.integers(0, 2, n)
+    out = {"gold": gold.tolist()}
+    for name, p in acc.items():
+        pred = np.where(rng.random(n) < p, gold, 1 - gold)
+        out[name] = pred.tolist()
+    return out
+
+
+def test_cell_statistics_ratio_interval_and_mcnemar():
+    rng = np.random.default_rng(0)
+    seeds = [_seed(rng, 400, {"original+pet": 0.9, "compressed+pet": 0.7, "compressed+cpet": 0.85}) for _ in range(3)]
+    stats = study.cell_stats(seeds, samples=500, confidence=0.95, seed=0)
+    m = stats["mean_accuracy"]
+    expected = (m["compressed+cpet"] - m["compressed+pet"]) / (m["original+pet"] - m["compressed+pet"])
+    assert stats["recovery_ratio"] == pytest.approx(expected)
+    lo, hi = stats["interval"]
+    assert lo < stats["recovery_ratio"] < hi and 0.4 < lo and hi < 1.2
+    assert stats["mcnemar_pooled"]["p_value"] < 1e-6  # 0.85 vs 0.70 on 1,200 rows
+    a, b = stats["mcnemar_per_seed"][0]
+    gold, pet, cpet = (np.asarray(seeds[0][k]) for k in ("gold", "compressed+pet", "compressed+cpet"))
+    assert (a, b) == (int(((pet == gold) & (cpet != gold)).sum()), int(((cpet == gold) & (pet != gold)).sum()))
+
+    same = [_seed(rng, 400, {"original+pet": 0.9, "compressed+pet": 0.7}) for _ in range(2)]
+    for s in same:
+        s["compressed+cpet"] = list(s["compressed+pet"])
+    tie = study.cell_stats(same, samples=200, confidence=0.95, seed=0)
+    assert tie["recovery_ratio"] == 0 and tie["interval"] == [0.0, 0.0]
+    assert tie["mcnemar_pooled"] == {"only_pet_right": 0, "only_cpet_right": 0, "p_value": 1.0}
+
+
+def _git(root, *args):
+    subprocess.run(["git", *args], cwd=root, check=True, capture_output=True)
+
+
+def _dvc(root, *args):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_study_runs_dvc_experiments_and_reports(tiny_project, monkeypatch):
+    """Real DVC experiments (`dvc exp run --temp -S ...`) on the tiny project, then the report."""
+    for var in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME"):
+        monkeypatch.setenv(var, "cpet test")
+    for var in ("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
+        monkeypatch.setenv(var, "test@cpet.invalid")
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    root, params = tiny_project
+    raw = params.model_dump(by_alias=True, mode="json")
+    raw["track"]["enabled"] = False
+    raw["fetch"]["cache_dir"] = ".cache/cpet"  # relative: each temp experiment has its own
+    raw["tasks"]["tiny"]["verbalizer"] = {"neg": "bad", "pos": "good"}  # DVC's -S writer unquotes 'no'
+    raw["compress"]["methods"] = {"int8": {"method": "int8"}}
+    raw["recover"]["variants"] = ["compressed+pet", "compressed+cpet"]
+    raw["study"].update(task="tiny", method="int8", seeds=[0, 1], variants=["compressed+pet", "compressed+cpet"],
+                        steps=[raw["recover"]["train"]["steps"]], distill=[[0.0, 1.0]], strength=[])
+    raw["study"]["bootstrap"]["samples"] = 200
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
+    shutil.copytree(ROOT / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    (root / ".gitignore").write_text("/models/base\n/data/processed\n/.cache\n")
+    _git(root, "init", "-q")
+    _dvc(root, "init", "-q")
+    (root / "reports").mkdir(exist_ok=True)
+    (root / "reports/fetch.json").write_text("{}\n")
+    _dvc(root, "commit", "-f", "-q", "fetch")  # the tiny project's data and base stand in for fetch's
+    _dvc(root, "repro", "-q", "evaluate")
+    _git(root, "add", "-A")
+    _git(root, "commit", "-qm", "baseline")
+
+    params = load_params(root / "params.yaml")
+    names = [e.name for e in study.experiments(params)]
+    assert len(names) == 4  # base and one distill setting, two seeds each
+    study.run(params, root)
+    assert yaml.safe_load((root / "params.yaml").read_text())["recover"]["train"]["seed"] == 0  # workspace untouched
+    assert study.run(params, root) == []  # finished experiments are not rerun
+    listed = _dvc(root, "exp", "list", "--name-only").split()
+    assert set(names) <= set(listed)
+
+    summary = study.write_report(params, root)
+    assert summary == {"experiments": 4, "cells": 2}
+    result = json.loads((root / "reports/study/study.json").read_text())
+    cells = {(c["axis"], c["value"]): c for c in result["cells"]}
+    assert set(cells) == {("base", "default"), ("distill", "alpha=0.0,beta=1.0")}
+    base = cells[("base", "default")]
+    assert base["seeds"] == 2 and len(base["accuracy"]["compressed+cpet"]) == 2
+    assert len(base["mcnemar_per_seed"]) == 2
+    assert "| distill | alpha=0.0,beta=1.0 | 2 |" in (root / "reports/study/study.md").read_text()
+    assert (root / "reports/study/study.png").stat().st_size > 1000
+
