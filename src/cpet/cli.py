@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", help="bind address (default: params.yaml serve.host, 127.0.0.1)")
     sv.add_argument("--port", type=int, help="port (default: params.yaml serve.port)")
     from cpet.loadtest import add_arguments as load_test_arguments
+
     load_test_arguments(sub.add_parser("load-test", help="bounded load test of a running cpet serve (loopback)"))
     st = sub.add_parser("study", help="run params.yaml study's DVC experiments one at a time (dvc exp run --temp)")
     st.add_argument("--dry-run", action="store_true", help="print the dvc exp run commands only")
@@ -75,71 +76,120 @@ def raise_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, interrupt)
 
 
+# --------------------------------------------------------------------------- commands
+# Each command: (args) -> exit code; `needs_params` ones get the validated params.yaml too.
+
+
+def _compress_model(args) -> int:
+    from cpet.standalone import compress_model, parse_method_arg
+
+    method = parse_method_arg(args.method, Path(args.params))
+    print(json.dumps(compress_model(args.model, method, Path(args.out), calib=args.calib, samples=args.samples,
+                                    trust_remote_code=args.trust_remote_code), indent=2))
+    return 0
+
+
+def _stage_deps(args) -> int:
+    from cpet.stages.codedeps import sync_dvc_yaml
+
+    drift = sync_dvc_yaml(Path(args.root) / "dvc.yaml", write=args.write)
+    for name, (listed, derived) in drift.items():
+        print(f"{name}: missing {sorted(set(derived) - set(listed))}, "
+              f"not imported {sorted(set(listed) - set(derived))}")
+    return 0 if args.write or not drift else 1
+
+
+def _compress_report(args) -> int:
+    from cpet.stages.compress import table
+
+    print(table(args.root), end="")
+    return 0
+
+
+def _serve(args, params) -> int:
+    from cpet.serve import serve
+
+    serve(params, Path(args.root), args.method or next(iter(params.compress.methods)),
+          args.tasks.split(",") if args.tasks else None, args.host or params.serve.host,
+          params.serve.port if args.port is None else args.port)
+    return 0
+
+
+def _study(args, params) -> int:
+    from cpet import study
+
+    commands = study.run(params, Path(args.root), args.only, args.dry_run)
+    if args.dry_run:
+        print("\n".join(commands))
+    return 0
+
+
+def _study_report(args, params) -> int:
+    from cpet import study
+
+    print(json.dumps(study.write_report(params, Path(args.root)), indent=2))
+    return 0
+
+
+def _load_test(args, params) -> int:
+    from cpet.loadtest import command
+
+    return command(params, Path(args.root), args)
+
+
+def _check_params(args, params) -> int:
+    print(json.dumps(params.model_dump(by_alias=True), indent=2))
+    return 0
+
+
+def _promote(args, params) -> int:
+    from cpet.tracking.commands import promote_command
+
+    return promote_command(params, Path(args.root), args.model, args.version)
+
+
+def _predict(args, params) -> int:
+    from cpet.tracking.commands import predict_command
+
+    return predict_command(params, Path(args.root), args.model, args.texts, args.task)
+
+
+def _stage(args, params) -> int:
+    from cpet.stages import STAGES
+
+    stage = STAGES[args.command]
+    item = getattr(args, stage.fan_out) if stage.fan_out else None
+    selector = {stage.fan_out: item} if item is not None else {}
+    print(json.dumps(stage(params, Path(args.root), **selector), indent=2, default=str))
+    return 0
+
+
+#: command -> (handler, needs params.yaml); every stage name maps to _stage
+COMMANDS = {
+    "compress-model": (_compress_model, False),
+    "stage-deps": (_stage_deps, False),
+    "compress-report": (_compress_report, False),
+    "serve": (_serve, True),
+    "study": (_study, True),
+    "study-report": (_study_report, True),
+    "load-test": (_load_test, True),
+    "check-params": (_check_params, True),
+    "promote": (_promote, True),
+    "predict": (_predict, True),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     apply_quiet_defaults()
     raise_on_sigterm()
     args = _parser().parse_args(argv)
-    from cpet.config import load_params
-    from cpet.stages import STAGES
-
+    handler, needs_params = COMMANDS.get(args.command, (_stage, True))
     try:
-        if args.command == "compress-model":
-            from cpet.standalone import compress_model, parse_method_arg
+        if not needs_params:
+            return handler(args)
+        from cpet.config import load_params
 
-            method = parse_method_arg(args.method, Path(args.params))
-            print(json.dumps(compress_model(args.model, method, Path(args.out), calib=args.calib,
-                                            samples=args.samples,
-                                            trust_remote_code=args.trust_remote_code), indent=2))
-            return 0
-        if args.command == "stage-deps":
-            from cpet.stages.codedeps import sync_dvc_yaml
-
-            drift = sync_dvc_yaml(Path(args.root) / "dvc.yaml", write=args.write)
-            for name, (listed, derived) in drift.items():
-                print(f"{name}: missing {sorted(set(derived) - set(listed))}, "
-                      f"not imported {sorted(set(listed) - set(derived))}")
-            return 0 if args.write or not drift else 1
-        if args.command == "compress-report":
-            from cpet.stages.compress import table
-
-            print(table(args.root), end="")
-            return 0
-        params = load_params(Path(args.params))
-        if args.command == "serve":
-            from cpet.serve import serve
-
-            serve(params, Path(args.root), args.method or next(iter(params.compress.methods)),
-                  args.tasks.split(",") if args.tasks else None, args.host or params.serve.host,
-                  params.serve.port if args.port is None else args.port)
-            return 0
-        if args.command in ("study", "study-report"):
-            from cpet import study
-
-            if args.command == "study":
-                commands = study.run(params, Path(args.root), args.only, args.dry_run)
-                if args.dry_run:
-                    print("\n".join(commands))
-                return 0
-            print(json.dumps(study.write_report(params, Path(args.root)), indent=2))
-            return 0
-        if args.command == "load-test":
-            from cpet.loadtest import command as load_test
-
-            return load_test(params, Path(args.root), args)
-        if args.command == "check-params":
-            print(json.dumps(params.model_dump(by_alias=True), indent=2))
-            return 0
-        if args.command in ("promote", "predict"):
-            from cpet.tracking.commands import predict_command, promote_command
-
-            if args.command == "promote":
-                return promote_command(params, Path(args.root), args.model, args.version)
-            return predict_command(params, Path(args.root), args.model, args.texts, args.task)
-        stage = STAGES[args.command]
-        selector = {}
-        if stage.fan_out and getattr(args, stage.fan_out) is not None:
-            selector[stage.fan_out] = getattr(args, stage.fan_out)
-        metrics = stage(params, Path(args.root), **selector)
+        return handler(args, load_params(Path(args.params)))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -147,8 +197,6 @@ def main(argv: list[str] | None = None) -> int:
         for line in str(err).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return 1
-    print(json.dumps(metrics, indent=2, default=str))
-    return 0
 
 
 if __name__ == "__main__":
