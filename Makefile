@@ -22,7 +22,7 @@ export GX_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: run results test test-fast install install-gpu lock flow clean-venv prefect-server deploy mlflow-ui
+.PHONY: run results study test test-fast install install-gpu lock flow clean-venv prefect-server deploy mlflow-ui
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,12 @@ run: install
 # The comparison table only (fetch..evaluate, 19.2 min here); export, bench and register skipped.
 results: install
 	dvc repro evaluate
+
+# Issue 13's study: DVC experiments on one cell (params.yaml `study:`), then the report.
+study: install
+	dvc repro evaluate
+	cpet study
+	cpet study-report
 
 test: install
 	python -m pytest
