@@ -22,7 +22,8 @@ export GX_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: run results study test test-fast install install-gpu lock flow clean-venv prefect-server deploy mlflow-ui
+.PHONY: run results study test test-fast install install-gpu lock flow clean-venv prefect-server deploy mlflow-ui \
+	mlflow-server push pull dask-scheduler
 
 $(BIN)/uv:
 	$(PYTHON) -m venv $(VENV)
@@ -42,7 +43,7 @@ install-gpu: $(BIN)/uv
 	$(BIN)/uv pip install --python $(BIN)/python -e '.[gpu,dev]'
 
 lock: $(BIN)/uv
-	$(BIN)/uv pip compile pyproject.toml --extra cpu --extra dev $(UV_FLAGS) \
+	$(BIN)/uv pip compile pyproject.toml --extra cpu --extra dev --extra cluster $(UV_FLAGS) \
 	  --python-version 3.11 --no-header -o $(LOCK)
 
 run: install
@@ -78,6 +79,30 @@ deploy: install
 
 mlflow-ui: install
 	mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db
+
+# A tracking server for the team (README "Scaling out"): runs and the registry in sqlite, artifacts
+# served over HTTP from a local folder (--serve-artifacts is the default). Loopback by default;
+# MLFLOW_HOST=0.0.0.0 behind a proxy with authentication to share it.
+MLFLOW_HOST ?= 127.0.0.1
+MLFLOW_PORT ?= 5000
+MLFLOW_STORE ?= mlruns-server
+mlflow-server: install
+	mkdir -p $(MLFLOW_STORE)/artifacts
+	mlflow server --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) \
+	  --backend-store-uri sqlite:///$(abspath $(MLFLOW_STORE))/mlflow.db \
+	  --artifacts-destination $(abspath $(MLFLOW_STORE))/artifacts
+
+# DVC's cache to and from the default remote (`dvc remote add -d team /mnt/nfs/cpet-dvc`, README).
+push: install
+	dvc push
+
+pull: install
+	dvc pull
+
+# A Dask scheduler on this machine for `flows/pipeline.py run --task-runner dask` (README).
+DASK_PORT ?= 8786
+dask-scheduler: install
+	dask scheduler --host 127.0.0.1 --port $(DASK_PORT) --dashboard-address 127.0.0.1:8787
 
 clean-venv:
 	rm -rf $(VENV)

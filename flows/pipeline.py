@@ -39,7 +39,7 @@ from cpet.errors import ConfigError, CpetError
 from cpet.stages import ORDER, STAGES
 
 RETRIES = {"fetch": 2, "register": 2}  # the stages that touch the network; the rest fail for real
-RUNNERS = {"dask": ("prefect_dask", "DaskTaskRunner"), "ray": ("prefect_ray", "RayTaskRunner")}
+RUNNERS = {"dask": ("prefect_dask", "DaskTaskRunner", "cluster"), "ray": ("prefect_ray", "RayTaskRunner", "ray")}
 
 
 def make_runner(kind: str, address: str | None = None, max_workers: int | None = None):
@@ -50,12 +50,18 @@ def make_runner(kind: str, address: str | None = None, max_workers: int | None =
         return ThreadPoolTaskRunner(max_workers=max_workers)
     if kind not in RUNNERS:
         raise CpetError(f"task_runner {kind!r}: choose threads, dask or ray")
-    module, cls = RUNNERS[kind]
+    module, cls, extra = RUNNERS[kind]
     try:
         runner = getattr(__import__(module), cls)
     except ImportError:
         raise CpetError(f"task_runner {kind!r} needs {module.replace('_', '-')}: "
-                        "pip install -e '.[cluster]'") from None
+                        f"pip install -e '.[{extra}]'") from None
+    if __name__ != "__main__" and sys.modules.get(__name__) is not None:
+        # Imported by path under some name (a served deployment), this file is not importable on a
+        # cluster's workers: ship its functions by value, as cloudpickle does for a script's __main__.
+        import cloudpickle
+
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])
     return runner(address=address) if address else runner()
 
 
@@ -117,10 +123,35 @@ def save_experiment(root: Path, name: str, instances: list[str]) -> str | None:
     return name
 
 
+def _dask_worker_threads() -> int | None:
+    """Torch threads for a task on a Dask worker: the worker's ``threads`` resource when it declares
+    one (``dask worker --nthreads 1 --resources threads=8``: one task at a time, 8 cores to torch),
+    else its thread count (``--nthreads 2``: two tasks at a time, so 2 cores between them is what the
+    worker was given). None outside a Dask worker (threads runner: torch keeps its setting)."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return None
+    return max(1, int(worker.state.total_resources.get("threads", worker.state.nthreads)))
+
+
 def _run_stage(params, root: str, name: str, item: str | None = None) -> dict:
     """Run the stage as ``dvc repro`` does: in the project root, with root ``.`` (paths that end up
     inside artifacts, e.g. a peft adapter's ``base_model_name_or_path``, are then the same bytes).
-    Every task of a flow run shares its root, so the process-wide chdir agrees across threads."""
+    Every task of a flow run shares its root, so the process-wide chdir agrees across threads; on
+    a Dask worker this runs in the worker's process, so the chdir happens there (the root must be
+    the same path on every worker: one machine, or a shared file system).
+
+    Fan-out items on one machine must not fight for its cores: torch's default is every core per
+    process, and two such processes training side by side on 2 cores run slower than one after
+    the other. On a Dask worker torch gets the threads the worker was given (see above)."""
+    threads = _dask_worker_threads()
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     stage = STAGES[name]
     os.chdir(root)
     return stage(params, Path("."), **({stage.fan_out: item} if item is not None else {}))

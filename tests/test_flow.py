@@ -36,9 +36,9 @@ def test_task_runners_threads_here_cluster_runners_optional():
 
     mod = _module()
     assert isinstance(mod.make_runner("threads"), ThreadPoolTaskRunner)
-    for kind in ("dask", "ray"):
+    for kind, extra in (("dask", "cluster"), ("ray", "ray")):
         if importlib.util.find_spec(f"prefect_{kind}") is None:  # the optional `cluster` extra
-            with pytest.raises(CpetError, match=rf"task_runner '{kind}' needs prefect-{kind}: pip install -e '.\[cluster\]'"):
+            with pytest.raises(CpetError, match=rf"task_runner '{kind}' needs prefect-{kind}: pip install -e '.\[{extra}\]'"):
                 mod.make_runner(kind)
     assert mod.RETRIES == {"fetch": 2, "register": 2}  # only the stages that touch the network
 
