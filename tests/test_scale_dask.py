@@ -1,7 +1,6 @@
 """The Prefect flow on a real Dask cluster (2 worker processes) gives dvc repro's artifacts."""
 
 import shutil
-from pathlib import Path
 
 import pytest
 import yaml
