@@ -2,6 +2,7 @@
 
 import copy
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -159,8 +160,12 @@ def test_quantized_base_keeps_its_grid_and_naive_requantizing_does_not():
     terms = layer_terms(bundle)["model.layers.0.self_attn.q_proj"][1]
     assert [t.act for t in terms] == ["identity", "identity"]  # LoRA and recovery
     exact = deploy_model(bundle, cm.records, "torch")
-    q_proj = exact.model.layers[0].self_attn.q_proj
-    assert len(q_proj.sides) == 1 and q_proj.sides[0].A.weight.shape[0] == 8  # ranks 4 + 4 stacked
+    attn = exact.model.layers[0].self_attn
+    q_proj = attn.q_proj
+    assert len(q_proj.sides) == 1 and q_proj.sides[0].ranks == [8]  # ranks 4 + 4 stacked
+    # q/k/v read the same input: one A GEMM for all three (3 x rank 8), o_proj has its own
+    assert q_proj.sides[0].shared is attn.k_proj.sides[0].shared is attn.v_proj.sides[0].shared
+    assert q_proj.sides[0].shared.A.weight.shape[0] == 24 and attn.o_proj.sides[0].shared is not q_proj.sides[0].shared
     torch.testing.assert_close(logits(exact), logits(bundle), atol=1e-5, rtol=1e-5)
     naive = deploy_model(bundle, cm.records, "torch", requantize=True)
     gap = (logits(naive) - logits(bundle)).abs().max()
@@ -171,7 +176,34 @@ def test_gelu_recovery_is_never_folded():
     cm = compress(tiny_llama(), METHODS["unstructured"], name="unstructured")
     bundle = bundle_on(copy.deepcopy(cm.model), act="gelu")
     down = deploy_model(bundle, cm.records, "torch").model.layers[0].mlp.down_proj
-    assert len(down.sides) == 1 and isinstance(down.sides[0].act, torch.nn.GELU)
+    assert len(down.sides) == 1 and [type(a) for a in down.sides[0].acts] == [torch.nn.GELU]  # LoRA folded
+
+
+@pytest.mark.parametrize("method", ["int4", "unstructured"])
+def test_shared_side_paths_are_exact(method, tmp_path):
+    """Stacked A GEMMs per input and one B GEMM per layer compute what one GEMM pair per path did,
+    in PyTorch and in the ONNX graph (fewer MatMul nodes), for LoRA + GELU recovery."""
+    from cpet.export.onnx import OnnxLM, export_onnx, session
+    from cpet.stages.export import quantized_linears
+
+    cm = compress(tiny_llama(), METHODS[method], name=method)
+    bundle = bundle_on(copy.deepcopy(cm.model), act="gelu")
+    shared, apart = (deploy_model(bundle, cm.records, "torch", share=s) for s in (True, False))
+    torch.testing.assert_close(logits(shared), logits(apart), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(shared), logits(shared), atol=0, rtol=0)  # no state left between calls
+    from cpet.export.sidepath import SharedA, SharedSides, SidePath
+
+    n = quantized_linears(cm.records)
+    models = {s: deploy_model(bundle, cm.records, "onnx", share=s) for s in (True, False)}
+    graphs = {s: export_onnx(m, tmp_path / str(s), expect_nbits=n) for s, m in models.items()}
+    kinds = Counter(type(m).__name__ for m in models[True].modules())  # modules() counts a shared A once
+    gemms_shared = kinds[SharedA.__name__] + kinds[SharedSides.__name__]
+    gemms_apart = 2 * sum(isinstance(m, SidePath) for m in models[False].modules())
+    assert kinds[SharedA.__name__] == 2 * 4  # per layer: q/k/v, o, gate/up, down
+    assert graphs[False]["matmul"] - graphs[True]["matmul"] == gemms_apart - gemms_shared > 0
+    batch = {"input_ids": IDS, "attention_mask": MASK}
+    torch.testing.assert_close(OnnxLM(session(tmp_path / "True")).last_logits(batch), last_logits(bundle),
+                               atol=1e-4, rtol=0)
 
 
 def test_merged_adapters_are_refused():
