@@ -101,9 +101,8 @@ def train_step(cm) -> torch.nn.Module:
 def onnx_parity(bundle, records, out: Path) -> None:
     from cpet.export import deploy_model
     from cpet.export.onnx import OnnxLM, export_onnx, session
-    from cpet.stages.export import quantized_linears
-
     from cpet.lmcls import last_token_logits
+    from cpet.stages.export import quantized_linears
 
     export_onnx(deploy_model(bundle, records, "onnx"), out, expect_nbits=quantized_linears(records))
     ort = OnnxLM(session(out)).last_logits({"input_ids": IDS, "attention_mask": MASK})  # lean graph

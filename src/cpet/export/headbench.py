@@ -11,7 +11,8 @@ per method of ``compress.methods``, the bare ``compressed`` model and ``compress
 recovery). GPTQ and activation-aware importance are replaced by RTN / magnitude (same shapes and
 graph, no calibration data needed). Each is exported twice, the full head (every position) and the
 lean one (label position), through :func:`cpet.export.onnx.export_onnx`, and every session gets
-:func:`cpet.export.onnx.session_options`. ``--base`` absent: the tiny 2-layer Llama of the tests.
+:func:`cpet.export.onnx.session_options`; ``compressed+cpet`` also as ``lean-apart``, its side
+paths one A and one B GEMM each (``deploy_model(..., share=False)``), to price the shared GEMMs. ``--base`` absent: the tiny 2-layer Llama of the tests.
 
 Prints per model the p50 over rounds (all models run once per round, in turn) and the ratios;
 ``per-round`` is the median of the per-round ratio, which cancels load bursts on a shared machine.
@@ -89,7 +90,13 @@ def main(argv: list[str] | None = None) -> dict:
     from cpet.bench import inputs
     from cpet.config import load_params
     from cpet.export import deploy_model
-    from cpet.export.onnx import OnnxLM, describe_options, export_onnx, session, session_options
+    from cpet.export.onnx import (
+        OnnxLM,
+        describe_options,
+        export_onnx,
+        session,
+        session_options,
+    )
     from cpet.stages.export import quantized_linears
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -117,12 +124,13 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="headbench-"))
     sessions = {}
     for name, (model, records) in models(params, base, methods).items():
-        for lean in ([False, True] if not name.startswith("compressed/") else [True]):
-            folder = work / name.replace("/", "_") / ("lean" if lean else "full")
-            if not (folder / "model.onnx").is_file():
-                export_onnx(deploy_model(model, records, "onnx"), folder, expect_nbits=quantized_linears(records),
-                            lean=lean)
-            sessions[f"{name} {'lean' if lean else 'full'}"] = OnnxLM(session(folder, threads=args.threads))
+        forms = {"compressed/": ["lean"], "compressed+cpet/": ["full", "lean", "lean-apart"]}
+        for form in next((f for k, f in forms.items() if name.startswith(k)), ["full", "lean"]):
+            folder = work / name.replace("/", "_") / form
+            if not (folder / "model.onnx").is_file():  # "apart": one A and one B GEMM per side path
+                export_onnx(deploy_model(model, records, "onnx", share=form != "lean-apart"), folder,
+                            expect_nbits=quantized_linears(records), lean=form != "full")
+            sessions[f"{name} {form}"] = OnnxLM(session(folder, threads=args.threads))
         print(f"exported {name}", flush=True)
     ids, mask = inputs(args.batch, args.seq_len, base.config.vocab_size)
     times = measure(sessions, ids, mask, args.rounds)
@@ -135,8 +143,9 @@ def main(argv: list[str] | None = None) -> dict:
         for head in ("full", "lean"):
             result["ratios"][f"compressed+cpet/{m} {head}: original+pet {head} / it (speedup)"] = ratio(
                 times, f"original+pet {head}", f"compressed+cpet/{m} {head}")
-        result["ratios"][f"compressed+cpet/{m} lean / compressed/{m} lean (side-path cost)"] = ratio(
-            times, f"compressed+cpet/{m} lean", f"compressed/{m} lean")
+        for form in ("lean", "lean-apart"):
+            result["ratios"][f"compressed+cpet/{m} {form} / compressed/{m} lean (side-path cost)"] = ratio(
+                times, f"compressed+cpet/{m} {form}", f"compressed/{m} lean")
     print(json.dumps(result, indent=1))
     return result
 
