@@ -190,8 +190,11 @@ def test_shared_side_paths_are_exact(method, tmp_path):
     bundle = bundle_on(copy.deepcopy(cm.model), act="gelu")
     shared, apart = (deploy_model(bundle, cm.records, "torch", share=s) for s in (True, False))
     torch.testing.assert_close(logits(shared), logits(apart), atol=1e-5, rtol=0)
-    torch.testing.assert_close(logits(shared), logits(shared), atol=0, rtol=0)  # no state left between calls
-    from cpet.export.sidepath import SharedA, SharedSides, SidePath
+    from cpet.export.sidepath import SharedA
+
+    # every reader consumed its product: no activation is kept after a forward pass
+    assert all(m._cache is None for m in shared.modules() if isinstance(m, SharedA))
+    from cpet.export.sidepath import SharedSides, SidePath
 
     n = quantized_linears(cm.records)
     models = {s: deploy_model(bundle, cm.records, "onnx", share=s) for s in (True, False)}

@@ -148,6 +148,8 @@ class SharedA(nn.Module):
     Each of its ``readers`` layers calls it with its input; the product is computed for the first
     and handed to the others while they pass the very same tensor object (any other tensor is
     multiplied afresh: exact either way), then dropped, so no activation outlives the forward pass.
+    Input and product are cached as one tuple, read once per call: threads sharing the model can
+    only cost a recomputation, never hand one call another's product.
     """
 
     def __init__(self, A: torch.Tensor, readers: int, dtype: torch.dtype) -> None:
@@ -157,17 +159,19 @@ class SharedA(nn.Module):
             self.A.weight.copy_(A)
         self.requires_grad_(False)
         self.readers = readers
-        self._x: torch.Tensor | None = None
-        self._y: torch.Tensor | None = None
+        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, A @ input)
         self._left = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._left == 0 or self._x is not x:
-            self._x, self._y, self._left = x, self.A(x), self.readers
-        y = self._y
-        self._left -= 1
-        if self._left == 0:
-            self._x = self._y = None
+        cache = self._cache
+        if cache is not None and cache[0] is x:
+            y = cache[1]
+            self._left -= 1
+            if self._left <= 0:
+                self._cache = None
+        else:
+            y = self.A(x)
+            self._cache, self._left = ((x, y), self.readers - 1) if self.readers > 1 else (None, 0)
         return y
 
 
