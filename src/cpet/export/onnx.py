@@ -19,6 +19,7 @@ like with like.
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from collections import Counter
@@ -56,9 +57,12 @@ def last_position_head(model: torch.nn.Module):
     if head is None:
         raise CpetError(f"export: {type(model).__name__} has no output embeddings (LM head) to make lean")
     state: dict[str, torch.Tensor] = {}
+    # the tracer may pass inputs by position, in the order of the class's forward signature
+    # (GPT-2: input_ids, past_key_values, attention_mask, ...)
+    signature = inspect.signature(type(model).forward)
 
     def grab(_module, args, kwargs):
-        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        mask = signature.bind_partial(model, *args, **kwargs).arguments.get("attention_mask")
         if mask is None:
             raise CpetError("export: the lean head needs the attention_mask input")
         state["last"] = last_real_position(mask)
