@@ -273,3 +273,18 @@ def test_every_session_gets_the_same_options(tmp_path):
     assert got[0] == got[1] == describe_options(session_options(1))
     assert got[0] == {"graph_optimization_level": "ORT_ENABLE_ALL", "execution_mode": "ORT_SEQUENTIAL",
                       "intra_op_num_threads": 1, "inter_op_num_threads": 1, "allow_spinning": "0"}
+
+
+def test_headbench_prints_lean_vs_full_ratios(tmp_path):
+    """The issue-12 measurement script runs end to end on the tiny model (2 rounds: shape, not speed)."""
+    from pathlib import Path
+
+    from cpet.export.headbench import main
+
+    params = Path(__file__).resolve().parents[1] / "params.yaml"
+    out = main(["--params", str(params), "--methods", "struct25", "--rounds", "2", "--keep", str(tmp_path)])
+    assert set(out["p50_ms"]) == {"original+pet full", "original+pet lean", "compressed/struct25 lean",
+                                  "compressed+cpet/struct25 full", "compressed+cpet/struct25 lean",
+                                  "compressed+cpet/struct25 lean-apart"}
+    assert out["ratios"]["original+pet: full / lean"]["p50"] > 0
+    assert out["ort_options"]["graph_optimization_level"] == "ORT_ENABLE_ALL"
