@@ -37,6 +37,17 @@ def test_bench_rows_are_well_formed(tiny_project):
     assert "## batch 1" in md and "## batch 4" in md and "| compressed+cpet | int8 | onnxruntime |" in md
     assert "What CPET's modules cost" in md
     assert (root / "models/bench/original+pet/none/model.onnx").is_file()
+    # like with like: every ONNX row ran with the same session options (read back from ORT) on a
+    # lean graph (LM head at the label position only), original+pet included
+    from cpet.export.onnx import OnnxLM, describe_options, session, session_options
+
+    options = [r["ort_options"] for r in rows if r["runtime"] == "onnxruntime"]
+    assert len(options) == 3 * 2 and all(o == describe_options(session_options(1)) for o in options)
+    assert all("ort_options" not in r for r in rows if r["runtime"] == "torch")
+    assert "ONNX Runtime session options of every ONNX row" in md
+    for folder in ("models/bench/original+pet/none", "models/bench/compressed/int8", "models/onnx/int8/tiny"):
+        lm = OnnxLM(session(root / folder))
+        assert lm.lean and lm.sess.get_outputs()[0].shape[1] == 1
     serving = json.loads((root / "reports/serve_memory.json").read_text())["int8"]
     assert serving["tasks"] == ["tiny"] and serving["shared"]["model_mb"] > 0 and serving["merged"]["model_mb"] > 0
     assert "Serving many tasks on one compressed base" in md

@@ -2,6 +2,7 @@
 
 import copy
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -43,6 +44,15 @@ def logits(model):
         return model(input_ids=IDS, attention_mask=MASK).logits[MASK.bool()]
 
 
+def last_logits(model):
+    """Logits at each row's label position (last real token), ``[batch, vocab]``: what the lean
+    ONNX graph outputs."""
+    from cpet.lmcls import last_token_logits
+
+    with torch.no_grad():
+        return last_token_logits(model(input_ids=IDS, attention_mask=MASK).logits, MASK)
+
+
 METHODS = {
     "int8": {"method": "int8"},
     "int4": {"method": "int4", "group_size": 32, "algorithm": "rtn"},
@@ -68,8 +78,10 @@ def test_onnx_parity_per_method(method, tmp_path):
 
     inits = onnx.load(str(tmp_path / method / "model.onnx")).graph.initializer
     assert sum(40 in i.dims for i in inits) == 1  # tied LM head = Transpose(embedding), stored once
-    ort_logits = OnnxLM(session(tmp_path / method))(IDS, MASK)[MASK.bool()]
-    torch.testing.assert_close(ort_logits, logits(bundle), atol=1e-4, rtol=0)
+    lm = OnnxLM(session(tmp_path / method))
+    assert lm.lean and lm(IDS, MASK).shape == (2, 1, 40)  # the LM head at the label position only
+    ort_logits = lm.last_logits({"input_ids": IDS, "attention_mask": MASK})
+    torch.testing.assert_close(ort_logits, last_logits(bundle), atol=1e-4, rtol=0)
     # the PyTorch deployment form (packed weights, side paths) computes the same
     torch.testing.assert_close(logits(deploy_model(bundle, cm.records, "torch")), logits(bundle), atol=1e-4, rtol=0)
 
@@ -84,7 +96,38 @@ def test_ort_model_for_causal_lm_loads_the_export(tmp_path):
     export_onnx(deploy_model(bundle, cm.records, "onnx"), tmp_path, expect_nbits=14)
     ort_model = ORTModelForCausalLM.from_pretrained(tmp_path, use_cache=False, use_io_binding=False)
     out = ort_model(input_ids=IDS, attention_mask=MASK).logits
-    torch.testing.assert_close(out[MASK.bool()], logits(bundle), atol=1e-4, rtol=0)
+    assert out.shape == (2, 1, 40)  # lean graph: next-token logits after each row's last real token
+    torch.testing.assert_close(out[:, -1], last_logits(bundle), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["int4", "structured"])
+def test_lean_graph_is_the_full_graph_at_the_label_position(method, tmp_path):
+    """The lean graph outputs [batch, 1, vocab] and equals the full graph's logits at each row's last
+    real token, for right-padded rows (cpet's batches) and left-padded ones (generation)."""
+    from cpet.export.onnx import OnnxLM, export_onnx, session
+    from cpet.lmcls import last_token_logits
+    from cpet.stages.export import quantized_linears
+
+    cm = compress(tiny_llama(), METHODS[method], name=method)
+    deployed = deploy_model(bundle_on(copy.deepcopy(cm.model)), cm.records, "onnx")
+    n = quantized_linears(cm.records)
+    lean_graph = export_onnx(deployed, tmp_path / "lean", expect_nbits=n)
+    full_graph = export_onnx(deployed, tmp_path / "full", expect_nbits=n, lean=False)
+    assert (lean_graph["logits"], full_graph["logits"]) == ("last_position", "all")
+    lean, full = OnnxLM(session(tmp_path / "lean")), OnnxLM(session(tmp_path / "full"))
+    assert lean.lean and not full.lean
+    assert lean.sess.get_outputs()[0].shape == ["batch_size", 1, 40]
+    left_ids, left_mask = IDS.roll(2, dims=1), MASK.roll(2, dims=1)  # row 1 padded on the left
+    for ids, mask in ((IDS, MASK), (left_ids, left_mask), (IDS[:1, :5], MASK[:1, :5])):
+        whole = full(ids, mask)
+        assert whole.shape == (*ids.shape, 40) and lean(ids, mask).shape == (ids.shape[0], 1, 40)
+        last = mask.shape[1] - 1 - mask.flip(1).argmax(1)  # last 1 in each row, either padding side
+        expected = whole[torch.arange(ids.shape[0]), last]
+        torch.testing.assert_close(lean(ids, mask)[:, 0], expected, atol=1e-5, rtol=0)
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if bool((mask[:, 0] == 1).all()):  # right-padded: both read the same label-position logits
+            torch.testing.assert_close(lean.last_logits(batch), full.last_logits(batch), atol=1e-5, rtol=0)
+            torch.testing.assert_close(full.last_logits(batch), last_token_logits(whole, mask))
 
 
 def test_cpu_fallback_is_never_reported_as_gpu(tmp_path):
@@ -117,8 +160,12 @@ def test_quantized_base_keeps_its_grid_and_naive_requantizing_does_not():
     terms = layer_terms(bundle)["model.layers.0.self_attn.q_proj"][1]
     assert [t.act for t in terms] == ["identity", "identity"]  # LoRA and recovery
     exact = deploy_model(bundle, cm.records, "torch")
-    q_proj = exact.model.layers[0].self_attn.q_proj
-    assert len(q_proj.sides) == 1 and q_proj.sides[0].A.weight.shape[0] == 8  # ranks 4 + 4 stacked
+    attn = exact.model.layers[0].self_attn
+    q_proj = attn.q_proj
+    assert len(q_proj.sides) == 1 and q_proj.sides[0].ranks == [8]  # ranks 4 + 4 stacked
+    # q/k/v read the same input: one A GEMM for all three (3 x rank 8), o_proj has its own
+    assert q_proj.sides[0].shared is attn.k_proj.sides[0].shared is attn.v_proj.sides[0].shared
+    assert q_proj.sides[0].shared.A.weight.shape[0] == 24 and attn.o_proj.sides[0].shared is not q_proj.sides[0].shared
     torch.testing.assert_close(logits(exact), logits(bundle), atol=1e-5, rtol=1e-5)
     naive = deploy_model(bundle, cm.records, "torch", requantize=True)
     gap = (logits(naive) - logits(bundle)).abs().max()
@@ -129,7 +176,37 @@ def test_gelu_recovery_is_never_folded():
     cm = compress(tiny_llama(), METHODS["unstructured"], name="unstructured")
     bundle = bundle_on(copy.deepcopy(cm.model), act="gelu")
     down = deploy_model(bundle, cm.records, "torch").model.layers[0].mlp.down_proj
-    assert len(down.sides) == 1 and isinstance(down.sides[0].act, torch.nn.GELU)
+    assert len(down.sides) == 1 and [type(a) for a in down.sides[0].acts] == [torch.nn.GELU]  # LoRA folded
+
+
+@pytest.mark.parametrize("method", ["int4", "unstructured"])
+def test_shared_side_paths_are_exact(method, tmp_path):
+    """Stacked A GEMMs per input and one B GEMM per layer compute what one GEMM pair per path did,
+    in PyTorch and in the ONNX graph (fewer MatMul nodes), for LoRA + GELU recovery."""
+    from cpet.export.onnx import OnnxLM, export_onnx, session
+    from cpet.stages.export import quantized_linears
+
+    cm = compress(tiny_llama(), METHODS[method], name=method)
+    bundle = bundle_on(copy.deepcopy(cm.model), act="gelu")
+    shared, apart = (deploy_model(bundle, cm.records, "torch", share=s) for s in (True, False))
+    torch.testing.assert_close(logits(shared), logits(apart), atol=1e-5, rtol=0)
+    from cpet.export.sidepath import SharedA
+
+    # every reader consumed its product: no activation is kept after a forward pass
+    assert all(m._cache is None for m in shared.modules() if isinstance(m, SharedA))
+    from cpet.export.sidepath import SharedSides, SidePath
+
+    n = quantized_linears(cm.records)
+    models = {s: deploy_model(bundle, cm.records, "onnx", share=s) for s in (True, False)}
+    graphs = {s: export_onnx(m, tmp_path / str(s), expect_nbits=n) for s, m in models.items()}
+    kinds = Counter(type(m).__name__ for m in models[True].modules())  # modules() counts a shared A once
+    gemms_shared = kinds[SharedA.__name__] + kinds[SharedSides.__name__]
+    gemms_apart = 2 * sum(isinstance(m, SidePath) for m in models[False].modules())
+    assert kinds[SharedA.__name__] == 2 * 4  # per layer: q/k/v, o, gate/up, down
+    assert graphs[False]["matmul"] - graphs[True]["matmul"] == gemms_apart - gemms_shared > 0
+    batch = {"input_ids": IDS, "attention_mask": MASK}
+    torch.testing.assert_close(OnnxLM(session(tmp_path / "True")).last_logits(batch), last_logits(bundle),
+                               atol=1e-4, rtol=0)
 
 
 def test_merged_adapters_are_refused():
@@ -184,3 +261,30 @@ def test_export_stage_checks_parity_and_writes_models(recovered):
         assert (folder / "model.onnx").is_file() and (folder / "tokenizer.json").is_file()
     assert "accuracy_naive_requantized" in json.loads((root / "reports/export/int8.json").read_text())["tiny"]
     assert "accuracy_naive_requantized" not in json.loads((root / "reports/export/struct.json").read_text())["tiny"]
+
+
+def test_every_session_gets_the_same_options(tmp_path):
+    """One SessionOptions recipe for every graph: what a session runs with is read back from ORT."""
+    from cpet.export.onnx import describe_options, export_onnx, session, session_options
+
+    export_onnx(deploy_model(tiny_llama()), tmp_path / "a")
+    export_onnx(deploy_model(bundle_on(tiny_llama(seed=2), recovery=False)), tmp_path / "b", lean=False)
+    got = [describe_options(session(tmp_path / d, threads=1).get_session_options()) for d in ("a", "b")]
+    assert got[0] == got[1] == describe_options(session_options(1))
+    assert got[0] == {"graph_optimization_level": "ORT_ENABLE_ALL", "execution_mode": "ORT_SEQUENTIAL",
+                      "intra_op_num_threads": 1, "inter_op_num_threads": 1, "allow_spinning": "0"}
+
+
+def test_headbench_prints_lean_vs_full_ratios(tmp_path):
+    """The issue-12 measurement script runs end to end on the tiny model (2 rounds: shape, not speed)."""
+    from pathlib import Path
+
+    from cpet.export.headbench import main
+
+    params = Path(__file__).resolve().parents[1] / "params.yaml"
+    out = main(["--params", str(params), "--methods", "struct25", "--rounds", "2", "--keep", str(tmp_path)])
+    assert set(out["p50_ms"]) == {"original+pet full", "original+pet lean", "compressed/struct25 lean",
+                                  "compressed+cpet/struct25 full", "compressed+cpet/struct25 lean",
+                                  "compressed+cpet/struct25 lean-apart"}
+    assert out["ratios"]["original+pet: full / lean"]["p50"] > 0
+    assert out["ort_options"]["graph_optimization_level"] == "ORT_ENABLE_ALL"

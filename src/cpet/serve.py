@@ -261,17 +261,21 @@ def merged_models(root: Path, method: str, tasks: list[str], variant: str) -> li
 def _memory_runner(spec: dict):
     """Memory subprocess (``cpet bench``): one shared base + N bundles, or N merged models, each
     task run once per call."""
+    from cpet.lmcls import label_position_logits
+
     root, method, tasks, variant = Path(spec["root"]), spec["method"], spec["tasks"], spec["variant"]
+    # the LM head at the label position only, as `predict` computes it (not [batch, seq, vocab])
     if spec["form"] == "shared":
         model = build_model(root, method, tasks, variant)
 
         def run(i, m):
             for t in tasks:
                 model.set_task(t)
-                model(input_ids=i, attention_mask=m, use_cache=False)
+                label_position_logits(model, {"input_ids": i, "attention_mask": m, "use_cache": False})
         return run
     models = merged_models(root, method, tasks, variant)
-    return lambda i, m: [mod(input_ids=i, attention_mask=m, use_cache=False) for mod in models]
+    return lambda i, m: [label_position_logits(mod, {"input_ids": i, "attention_mask": m, "use_cache": False})
+                         for mod in models]
 
 
 if __name__ == "__main__":

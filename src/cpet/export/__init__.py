@@ -4,7 +4,8 @@ Importing this package imports torch and peft but not onnx/optimum/onnxruntime (
 """
 
 from cpet.export.parity import check, label_scores, parity, torch_last_logits
-from cpet.export.sidepath import LowRank, SideLinear, SidePath, deploy_model, layer_terms, plain_model
+from cpet.export.sidepath import (LowRank, SharedA, SharedSides, SideLinear, SidePath, deploy_model, layer_terms,
+                                  plain_model, share_inputs)
 
-__all__ = ["LowRank", "SideLinear", "SidePath", "check", "deploy_model", "label_scores", "layer_terms",
-           "parity", "plain_model", "torch_last_logits"]
+__all__ = ["LowRank", "SharedA", "SharedSides", "SideLinear", "SidePath", "check", "deploy_model", "label_scores",
+           "layer_terms", "parity", "plain_model", "share_inputs", "torch_last_logits"]

@@ -10,6 +10,10 @@ builds that form so the export report can measure the loss). What is exact inste
   path ``[s_1 B_1 | s_2 B_2] [A_1; A_2] x`` (a sum of products is the product of stacked factors);
 * a **GELU** recovery module is not linear: always its own side path ``s B gelu(A x)``.
 
+Side paths cost little in GEMM count: the A factors of all paths that read one input (q/k/v,
+gate/up) are stacked into one GEMM and each layer's paths share one B GEMM (:func:`share_inputs`;
+``[B_1 | B_2] [act_1(A_1 x); act_2(A_2 x)]`` is the same sum).
+
 ``deploy_model(bundle, records, backend)`` builds that form as a plain HF model: ``backend="torch"``
 runs quantized layers from packed storage (:class:`cpet.compress.QuantLinear`), ``"onnx"`` traces
 them as ``MatMulNBits`` (:class:`cpet.export.nbits.NBitsLinear`). ``cpet.serve.MultiTaskModel``
@@ -137,6 +141,117 @@ class SideLinear(nn.Module):
         return y
 
 
+class SharedA(nn.Module):
+    """The A factors of every side path that reads one input tensor, stacked: one GEMM per input
+    instead of one per path (q/k/v read the same normed hidden state, so do gate/up).
+
+    Each of its ``readers`` layers calls it with its input; the product is computed for the first
+    and handed to the others while they pass the very same tensor object (any other tensor is
+    multiplied afresh: exact either way), then dropped, so no activation outlives the forward pass.
+    Input and product are cached as one tuple, read once per call: threads sharing the model can
+    only cost a recomputation, never hand one call another's product.
+    """
+
+    def __init__(self, A: torch.Tensor, readers: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.A = nn.Linear(A.shape[1], A.shape[0], bias=False, dtype=dtype)
+        with torch.no_grad():
+            self.A.weight.copy_(A)
+        self.requires_grad_(False)
+        self.readers = readers
+        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, A @ input)
+        self._left = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cache = self._cache
+        if cache is not None and cache[0] is x:
+            y = cache[1]
+            self._left -= 1
+            if self._left <= 0:
+                self._cache = None
+        else:
+            y = self.A(x)
+            self._cache, self._left = ((x, y), self.readers - 1) if self.readers > 1 else (None, 0)
+        return y
+
+
+class SharedSides(nn.Module):
+    """Every side path of one layer from a :class:`SharedA`: ``u = (A x)[start : start + sum r]``,
+    then ``[B_1 | B_2 ...] [act_1(u_1); act_2(u_2) ...]``, one B GEMM for all of the layer's paths.
+
+    Only the group's first layer (``owner``) registers the shared A as a submodule; the others
+    hold a plain reference, so its weight has one name (state dict, ONNX initializer)."""
+
+    def __init__(self, shared: SharedA, start: int, terms: list[LowRank], dtype: torch.dtype,
+                 owner: bool = True) -> None:
+        super().__init__()
+        if owner:
+            self.shared = shared
+        else:
+            object.__setattr__(self, "shared", shared)
+        self.start = start
+        self.ranks = [t.A.shape[0] for t in terms]
+        self.acts = nn.ModuleList(nn.GELU() if t.act == "gelu" else nn.Identity() for t in terms)
+        self.B = nn.Linear(sum(self.ranks), terms[0].B.shape[0], bias=False, dtype=dtype)
+        with torch.no_grad():
+            self.B.weight.copy_(torch.cat([t.B for t in terms], dim=1))
+        self.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.shared(x).narrow(-1, self.start, sum(self.ranks))
+        if not all(isinstance(a, nn.Identity) for a in self.acts):
+            u = torch.cat([act(part) for act, part in zip(self.acts, u.split(self.ranks, dim=-1))], dim=-1)
+        return self.B(u)
+
+
+def _side_term(side: SidePath) -> LowRank:
+    return LowRank(side.A.weight.detach().float(), side.B.weight.detach().float(),
+                   "gelu" if isinstance(side.act, nn.GELU) else "identity")
+
+
+@torch.no_grad()
+def share_inputs(model: nn.Module) -> nn.Module:
+    """Regroup ``model``'s side paths (in place) so that layers reading the same input tensor share
+    one stacked A GEMM (:class:`SharedA`) and each layer has one B GEMM (:class:`SharedSides`).
+
+    Which layers share an input is found by running ``model`` once on a 4-token probe and comparing
+    the tensor objects each :class:`SideLinear` receives: no per-architecture table, and a layer
+    whose input differs simply gets a group of its own.
+    """
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, SideLinear) and len(m.sides)}
+    if not layers:
+        return model
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: seen.setdefault(n, args[0]))
+             for n, m in layers.items()]
+    try:
+        vocab = model.get_input_embeddings().num_embeddings
+        ids = (torch.arange(4) % vocab).unsqueeze(0).to(model.device)
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    groups: list[list[str]] = []
+    for name in layers:
+        if name not in seen:
+            continue
+        group = next((g for g in groups if seen[g[0]] is seen[name]), None)
+        if group is None:
+            groups.append([name])
+        else:
+            group.append(name)
+    seen.clear()
+    dtype = next(model.parameters()).dtype
+    for group in groups:
+        terms = {n: [_side_term(s) for s in layers[n].sides] for n in group}
+        shared = SharedA(torch.cat([t.A for n in group for t in terms[n]]), len(group), dtype)
+        start = 0
+        for i, n in enumerate(group):
+            layers[n].sides = nn.ModuleList([SharedSides(shared, start, terms[n], dtype, owner=i == 0)])
+            start += sum(t.A.shape[0] for t in terms[n])
+    return model
+
+
 def _float_linear(base: nn.Module, weight: torch.Tensor) -> nn.Linear:
     """An ``nn.Linear`` computing ``base`` (a Linear or Conv1D) with ``weight`` ``[out, in]``."""
     p = projection(base)
@@ -197,10 +312,13 @@ def plain_model(model: nn.Module, records: dict[str, WeightRecord] | None,
 
 
 def deploy_model(model: nn.Module, records: dict[str, WeightRecord] | None = None,
-                 backend: str = "torch", requantize: bool = False) -> nn.Module:
+                 backend: str = "torch", requantize: bool = False, share: bool = True) -> nn.Module:
     """The bundle's deployment form (see the module docstring); ``model`` is a bundle, a bare
-    compressed model or an original model with its adapter. ``records`` are the compressed base's."""
+    compressed model or an original model with its adapter. ``records`` are the compressed base's.
+    ``share``: side paths reading one input share an A GEMM (:func:`share_inputs`)."""
     work, renamed = plain_model(model, records, requantize)
+    if share:
+        share_inputs(work)
     if backend == "torch":
         from cpet.compress.runtime import to_deploy
 

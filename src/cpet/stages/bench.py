@@ -16,6 +16,7 @@ throughput`` (tokens/s at p50), ``bytes`` (model files), ``peak_mem_mb``) and ``
 from __future__ import annotations
 
 import copy
+import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -84,16 +85,21 @@ def torch_model(spec: Spec):
 
 
 def runner(spec: Spec, threads: int | None):
-    """``(ids, mask) -> logits`` for ``spec`` on its runtime and device."""
+    """``(ids, mask) -> logits at the label position`` for ``spec`` on its runtime and device: what
+    classification computes, the LM head at each row's last real token only, in both runtimes (a
+    lean ONNX graph, ``logits_to_keep`` in PyTorch). ONNX runners are :class:`OnnxLM` objects
+    (``.sess`` says which session options they run with)."""
 
     if spec.runtime.startswith("onnxruntime"):
         from cpet.export.onnx import OnnxLM, session
 
-        lm = OnnxLM(session(spec.onnx_dir(), spec.device, threads))
-        return lambda ids, mask: lm(ids, mask)
+        return OnnxLM(session(spec.onnx_dir(), spec.device, threads))
+    from cpet.lmcls import label_position_logits
+
     model = torch_model(spec).to(spec.device)
     dev = spec.device
-    return lambda ids, mask: model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits
+    return lambda ids, mask: label_position_logits(model, {"input_ids": ids.to(dev), "attention_mask": mask.to(dev),
+                                                           "use_cache": False})
 
 
 def _peft_model(spec: Spec):
@@ -113,12 +119,13 @@ def _peft_model(spec: Spec):
 
 def export_missing(specs: list[Spec], tolerance: float, out: Path) -> dict:
     """ONNX models for every spec the export stage does not provide, into ``out`` (atomic), each
-    checked against its PyTorch form on one random batch."""
-    import torch
+    checked against its PyTorch form on one random batch (logits at the label position: the
+    graphs are lean like the export stage's, through the same ``write_onnx``)."""
     from transformers import AutoTokenizer
 
     from cpet.bench import inputs
     from cpet.errors import CpetError
+    from cpet.export import torch_last_logits
     from cpet.export.onnx import OnnxLM, session
 
     done: dict = {}
@@ -132,9 +139,9 @@ def export_missing(specs: list[Spec], tolerance: float, out: Path) -> dict:
             graph = write_onnx(model, records, tok, folder,
                                {"variant": variant, "compression": compression, "task": spec.task})
             ids, mask = inputs(2, 16, model.config.vocab_size)
-            with torch.no_grad():
-                ref = model(input_ids=ids, attention_mask=mask).logits
-            diff = float((OnnxLM(session(folder))(ids, mask) - ref).abs().max())
+            mask[1, 11:] = 0  # one right-padded row: the label position is not always the last column
+            batch = {"input_ids": ids, "attention_mask": mask}
+            diff = float((OnnxLM(session(folder)).last_logits(batch) - torch_last_logits(model)(batch)).abs().max())
             if diff > tolerance:
                 raise CpetError(f"bench: ONNX export of {variant}/{compression} differs from PyTorch by {diff:.3g} "
                                 f"(> export.tolerance.max_abs_logit_diff {tolerance})")
@@ -157,6 +164,7 @@ def bench(params: Params, root: str | Path = ".") -> dict:
     import torch
 
     from cpet.bench import inputs, interleaved, measure_memory
+    from cpet.export.onnx import describe_options
 
     root = Path(root)
     cfg = params.bench
@@ -185,6 +193,8 @@ def bench(params: Params, root: str | Path = ".") -> dict:
     for device in dict.fromkeys(s.device for s in specs):
         mine = [s for s in specs if s.device == device]
         runners = {s.name: runner(s, cfg.threads) for s in mine}
+        ort_options = {name: describe_options(run.sess.get_session_options())
+                       for name, run in runners.items() if hasattr(run, "sess")}  # read back from ORT
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
         for batch in cfg.batch_sizes:
             ids, mask = inputs(batch, cfg.seq_len, vocab)
@@ -195,7 +205,8 @@ def bench(params: Params, root: str | Path = ".") -> dict:
                 rows.append({"variant": s.variant, "compression": s.compression, "runtime": s.runtime,
                              "batch": batch, "seq_len": cfg.seq_len, "p50_ms": t["p50_ms"], "p90_ms": t["p90_ms"],
                              "throughput": round(batch * cfg.seq_len / (t["p50_ms"] / 1000), 1),
-                             "bytes": size, "peak_mem_mb": memory.get(s.name, {}).get("peak_mb")})
+                             "bytes": size, "peak_mem_mb": memory.get(s.name, {}).get("peak_mb"),
+                             **({"ort_options": ort_options[s.name]} if s.name in ort_options else {})})
                 print(f"bench {s.name} batch {batch}: p50 {t['p50_ms']:.1f} ms", flush=True)
         del runners
     io.write_json(root / REPORT_JSON, rows)
@@ -254,7 +265,13 @@ def markdown(rows: list[dict], task: str, cfg, exported: dict) -> str:
            f"{cfg.threads or 'all cores'}. Throughput = tokens/s at p50. Speedup = p50 of `original+pet` "
            "(same runtime and batch) / p50 of the row; `vs torch orig` compares with `original+pet` in "
            "PyTorch. Size = weight files on disk; memory = peak resident MB of a fresh process during one "
-           f"batch-{max(cfg.batch_sizes)} forward pass (model included).", ""]
+           f"batch-{max(cfg.batch_sizes)} forward pass (model included). Every model computes the LM head "
+           "at the label position only (lean ONNX graphs, `logits_to_keep` in PyTorch)."]
+    settings = {json.dumps(r["ort_options"], sort_keys=True) for r in rows if "ort_options" in r}
+    if settings:
+        out.append("ONNX Runtime session options of every ONNX row (`cpet.export.onnx.session_options`): "
+                   + " / ".join(f"`{s}`" for s in sorted(settings)) + ".")
+    out.append("")
     key = {(r["variant"], r["compression"], r["runtime"], r["batch"]): r for r in rows}
     for batch in cfg.batch_sizes:
         out += [f"## batch {batch}", "",
