@@ -250,8 +250,9 @@ def render_task(facts: dict) -> str:
             f"## Results ({facts['split']} split, reports/results.json)", "",
             "| model | accuracy | macro F1 |", "|---|---|---|"]
     body += [f"| {v} | {_num(acc[v])} | {_num((res.get(v) or {}).get('macro_f1'))} |" for v in acc]
-    body += ["", f"- recovery ratio ({variant} - compressed+pet) / (original+pet - compressed+pet): {_num(ratio)}"
-             + (" (undefined when compression cost nothing)" if ratio is None and None not in acc.values() else ""),
+    undefined = ratio is None and None not in acc.values()  # compression cost nothing: 0/0
+    body += ["", f"- recovery ratio ({variant} - compressed+pet) / (original+pet - compressed+pet): "
+             + ("undefined (original+pet = compressed+pet)" if undefined else _num(ratio)),
              "- McNemar, CPET vs PET on the same test rows: " + (NOT_MEASURED if not mc else
              f"only PET right {mc.get('only_first_right')}, only CPET right {mc.get('only_second_right')}, "
              f"p = {_num(mc.get('p_value'), '.4g')}"), "",
