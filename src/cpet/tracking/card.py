@@ -38,8 +38,7 @@ def _license(root: Path) -> str | None:
         found = ModelCard.load(readme).data.to_dict().get("license")
         if found:
             return found
-    source = ((_json(root / "reports" / "fetch.json") or {}).get("model") or {}).get("source") or {}
-    package = str(source.get("package") or "").split("==")[0]
+    package = str(_origin(root).get("package") or "").split("==")[0]
     return KNOWN_LICENSES.get(package)
 
 
@@ -53,12 +52,17 @@ def _lineage(root: Path, params) -> dict:
     return {"git": git_state(root), "dvc_lock": locks}
 
 
+def _origin(root: Path) -> dict:
+    """Where ``models/base`` came from (``reports/fetch.json``): a hub id/folder or a PyPI package."""
+    return ((_json(root / "reports" / "fetch.json") or {}).get("model") or {}).get("source") or {}
+
+
 def _compression(root: Path, method: str, folder: Path | None = None) -> dict:
     folder = folder or root / paths.compressed(method)
     manifest = _json(folder / "manifest.json") or {}
     report = _json(root / "reports" / "compress" / f"{method}.json") or {}
     after = report.get("after") or {}
-    return {"method": method, "config": manifest.get("params") or report.get("config"),
+    return {"method": method, "config": manifest.get("params") or report.get("config"), "origin": _origin(root),
             "steps": manifest.get("steps"), "source": manifest.get("source") or {},
             "bytes_on_disk": manifest.get("bytes_on_disk"), "source_bytes": manifest.get("source_bytes"),
             "size_ratio": report.get("size_ratio"), "latency_ms": after.get("latency_ms"),
@@ -142,11 +146,11 @@ def _short(sha) -> str:
 def _front_matter(facts: dict, library: str, datasets: list[str], metrics: dict[str, float | None]) -> str:
     from huggingface_hub import EvalResult, ModelCardData
 
+    origin = facts["compression"].get("origin") or {}
+    base = origin.get("name_or_path") or origin.get("package")
     comp = facts["compression"]
-    source = comp["source"]
-    base = source.get("name_or_path") or source.get("package") or source.get("member")
     results = [EvalResult(task_type="text-classification", dataset_type=facts["task"], dataset_name=facts["task"],
-                          dataset_split=facts.get("split"), metric_type=k, metric_value=v)
+                          dataset_split=facts.get("split"), metric_type=k, metric_value=round(v, 4))
                for k, v in metrics.items() if v is not None] if facts["kind"] == "task" else None
     data = ModelCardData(license=facts.get("license"), library_name=library, base_model=base, datasets=datasets,
                          tags=["cpet", f"compression-{comp['method']}", facts["kind"]],
@@ -166,15 +170,16 @@ def _provenance(facts: dict) -> list[str]:
 
 
 def _compression_lines(comp: dict) -> list[str]:
-    source = comp["source"]
-    return ["## Base model and compression", "",
+    source, origin = comp["source"], comp.get("origin") or {}
+    where = ", ".join(f"{k} `{v}`" for k, v in origin.items() if k != "sha256") or "origin unknown (no reports/fetch.json)"
+    return ["## Base model and compression", "", f"- original model from: {where}",
             f"- original model: {source.get('model_class', 'unknown')}, {source.get('parameters', '?')} parameters, "
             f"sha256 {_short(source.get('sha256'))}",
             f"- compression method `{comp['method']}`: config `{json.dumps(comp['config'], sort_keys=True)}`",
             f"- steps: `{json.dumps(comp['steps'])}`" if comp["steps"] else "- steps: unknown (no manifest)",
-            f"- size: {comp['bytes_on_disk'] or NOT_MEASURED} bytes on disk (fp32 original {comp['source_bytes'] or '?'}"
-            f" bytes); size ratio {_num(comp['size_ratio'])}",
-            f"- CPU latency (reports/compress): {_num(comp['latency_ms'], '.2f')} ms; perplexity {_num(comp['perplexity'], '.3f')}",
+            f"- bytes on disk: {comp['bytes_on_disk'] or NOT_MEASURED} (fp32 original: {comp['source_bytes'] or '?'});"
+            f" size ratio {_num(comp['size_ratio'])}",
+            f"- CPU latency ms (reports/compress): {_num(comp['latency_ms'], '.2f')}; perplexity {_num(comp['perplexity'], '.3f')}",
             ""]
 
 

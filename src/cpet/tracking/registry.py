@@ -11,6 +11,10 @@ Per compression method ``<m>``:
   base 150-450 MB). Metrics from ``reports/results.json``: ``accuracy``, ``macro_f1``,
   ``recovery_ratio`` = (variant - pet) / (original - pet), plus the base's ``latency_ms``/``size_ratio``.
 
+Every version carries a model card, ``artifacts/README.md`` (Hugging Face format, built by
+:mod:`cpet.tracking.card`: base hash, compression and adapter recipes, data hashes, results,
+lineage, how to load, limits); ``cpet card models:/<name>@champion`` prints it.
+
 Every version is tagged ``metric.<name>`` and ``cpet.fingerprint`` (a hash of what it contains);
 registering identical contents again reuses the version instead of piling up copies, and the
 gates are re-checked. :func:`promote` is the only place the alias moves (``cpet promote``, the
