@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     pd.add_argument("--model", required=True, help="e.g. models:/cpet-sentiment-int3@champion")
     pd.add_argument("--task", help="task for a base model, which scores every task (default: its first)")
     pd.add_argument("texts", nargs="+", help="texts to classify ('-' reads one per line from stdin)")
+    cd = sub.add_parser("card", help="print the model card (README.md) of a registered model or a local folder")
+    cd.add_argument("target", help="models:/cpet-sentiment-int3@champion, models:/<name>/<version>, "
+                                   "a bundle folder (models/recover/<m>/<task>/<variant>) or models/compressed/<m>")
     return p
 
 
@@ -154,6 +157,12 @@ def _predict(args, params) -> int:
     return predict_command(params, Path(args.root), args.model, args.texts, args.task)
 
 
+def _card(args, params) -> int:
+    from cpet.tracking.commands import card_command
+
+    return card_command(params, Path(args.root), args.target)
+
+
 def _stage(args, params) -> int:
     from cpet.stages import STAGES
 
@@ -176,6 +185,7 @@ COMMANDS = {
     "check-params": (_check_params, True),
     "promote": (_promote, True),
     "predict": (_predict, True),
+    "card": (_card, True),
 }
 
 

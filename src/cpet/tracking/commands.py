@@ -71,3 +71,39 @@ def predict_command(params, root: Path, model_uri: str, texts: list[str], task: 
                           "score": round(float(row["score"]), 6),
                           "scores": {k: round(float(v), 6) for k, v in row["scores"].items()}}))
     return 0
+
+
+def card_command(params, root: Path, target: str) -> int:
+    """Print the model card of a registered model (``models:/name@alias``, ``models:/name/version``)
+    or build it from a folder: a task bundle (``.../<method>/<task>/<variant>``) or a compressed base."""
+    from cpet.tracking import card
+
+    if not target.startswith("models:/"):
+        print(card.render(card.folder_facts(params, root, Path(target))), end="")
+        return 0
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = resolve_uri(params.track, root)
+    client = connect(uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    name, _, ref = target.removeprefix("models:/").partition("@")
+    if ref:
+        version = champion_version(client, name) if ref == CHAMPION else None
+        if version is None:
+            try:
+                version = str(client.get_model_version_by_alias(name, ref).version)
+            except MlflowException as err:
+                raise CpetError(f"{target}: {str(err).splitlines()[0]}") from None
+    else:
+        name, _, version = name.partition("/")
+        version = version or latest_version(client, name)
+    try:
+        source = client.get_model_version_download_uri(name, version)
+        path = mlflow.artifacts.download_artifacts(artifact_uri=f"{source.rstrip('/')}/artifacts/{card.FILE}")
+    except MlflowException as err:
+        raise CpetError(f"{name} v{version}: no model card ({str(err).splitlines()[0]}); "
+                        "registered before cards existed? run `cpet register` again") from None
+    print(Path(path).read_text(), end="")
+    return 0

@@ -11,6 +11,10 @@ Per compression method ``<m>``:
   base 150-450 MB). Metrics from ``reports/results.json``: ``accuracy``, ``macro_f1``,
   ``recovery_ratio`` = (variant - pet) / (original - pet), plus the base's ``latency_ms``/``size_ratio``.
 
+Every version carries a model card, ``artifacts/README.md`` (Hugging Face format, built by
+:mod:`cpet.tracking.card`: base hash, compression and adapter recipes, data hashes, results,
+lineage, how to load, limits); ``cpet card models:/<name>@champion`` prints it.
+
 Every version is tagged ``metric.<name>`` and ``cpet.fingerprint`` (a hash of what it contains);
 registering identical contents again reuses the version instead of piling up copies, and the
 gates are re-checked. :func:`promote` is the only place the alias moves (``cpet promote``, the
@@ -29,6 +33,7 @@ from pathlib import Path
 
 from cpet import io
 from cpet.errors import CpetError
+from cpet.tracking import card as card_module
 from cpet.tracking.gates import Decision, check_gates
 from cpet.tracking.runs import artifact_location, connect, experiment_id, resolve_uri
 
@@ -140,11 +145,14 @@ def _fingerprint(artifacts: dict[str, Path]) -> str:
     return h.hexdigest()
 
 
-def _log(client, name: str, artifacts: dict[str, Path], about: dict, tmp: Path) -> tuple[str, bool]:
+def _log(client, name: str, artifacts: dict[str, Path], about: dict, tmp: Path, card: str) -> tuple[str, bool]:
     """Log + register a pyfunc version (or reuse the version holding identical contents).
 
     ``about`` goes into the model as ``cpet.json`` (not ``model_config``, which MLflow also logs
-    as run params, and those clash between the models one register run logs).
+    as run params, and those clash between the models one register run logs). ``card`` (the
+    model card) is logged as ``artifacts/README.md``, next to the weights it describes; it is not
+    part of the fingerprint (it names the git commit), so a reused version keeps the card it was
+    registered with.
     """
     import mlflow
 
@@ -155,6 +163,9 @@ def _log(client, name: str, artifacts: dict[str, Path], about: dict, tmp: Path) 
     for v in client.search_model_versions(f"name = '{name}'"):
         if v.tags.get("cpet.fingerprint") == fp:
             return str(v.version), True
+    card_file = tmp / name / card_module.FILE
+    card_file.write_text(card)
+    artifacts["card"] = card_file
     reqs = [f"{p}=={metadata.version(p)}" for p in REQUIREMENTS]
     info = mlflow.pyfunc.log_model(
         name=name, python_model=str(MODEL_CODE), artifacts={k: str(v) for k, v in artifacts.items()},
@@ -199,7 +210,8 @@ def register_all(params, root: str | os.PathLike = ".") -> dict:
             metrics = base_metrics(report)
             version, reused = _log(client, name, {"base": root / "models" / "compressed" / method,
                                                   "tokenizer": tmp / "tokenizer", "tasks": tmp / "all" / "tasks.json"},
-                                   {"kind": "base", "compression": method}, tmp)
+                                   {"kind": "base", "compression": method}, tmp,
+                                   card_module.render(card_module.base_facts(params, root, method, name)))
             done = Registered(name, version, promote(client, name, version, metrics, cfg.base_gates), metrics, reused)
             out[name] = done.summary()
             for task in params.tasks:
@@ -213,7 +225,8 @@ def register_all(params, root: str | os.PathLike = ".") -> dict:
                 tversion, treused = _log(
                     client, tname, {"bundle": bundle, "tokenizer": tmp / "tokenizer", "tasks": spec},
                     {"kind": "task", "compression": method, "task": task, "variant": cfg.variant,
-                     "base_model_uri": f"models:/{name}/{version}"}, tmp)
+                     "base_model_uri": f"models:/{name}/{version}"}, tmp,
+                    card_module.render(card_module.task_facts(params, root, method, task, cfg.variant, tname)))
                 tdone = Registered(tname, tversion, promote(client, tname, tversion, tmetrics, cfg.task_gates),
                                    tmetrics, treused)
                 out[tname] = tdone.summary()
