@@ -77,6 +77,19 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """A matplotlib figure written atomically (temporary sibling, then rename) and closed."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 _DIGESTS: dict[tuple[str, int, int], str] = {}
 
 

@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cpet import io
 from cpet.config import Params
 from cpet.errors import ConfigError, CpetError
 
@@ -230,17 +231,11 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xticks(range(len(cells)), labels, rotation=20, fontsize=8)
         ax.set_title(f"recovery ratio vs {name}")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    io.save_figure(fig, path)
 
 
 def write_report(params: Params, root: Path) -> dict:
     """``reports/study/study.{json,md,png}`` from every finished experiment of the study."""
-    from cpet import io
-
     runs = collect(params, root)
     if not runs:
         raise CpetError("study: no finished experiments; run `cpet study` first")

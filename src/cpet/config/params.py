@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
 from cpet.config.base import Section, describe
 from cpet.config.recipes import TRAINED
@@ -180,21 +180,25 @@ class TeacherConfig(Section):
 TRAINED_VARIANTS = TRAINED
 
 
+def _trained(v: list[str]) -> list[str]:
+    """Names from the recipe table that the recover stage trains, each once."""
+    bad = [x for x in v if x not in TRAINED_VARIANTS]
+    if bad:
+        raise ValueError(f"unknown variant {bad[0]!r}; choose from {list(TRAINED_VARIANTS)}")
+    if len(set(v)) != len(v):
+        raise ValueError("variants must be distinct")
+    return v
+
+
+TrainedVariants = Annotated[list[str], AfterValidator(_trained)]
+
+
 class RecoverConfig(Section):
-    variants: list[str] = Field(description=f"trained variants, from {list(TRAINED_VARIANTS)}")
+    variants: TrainedVariants = Field(description=f"trained variants, from {list(TRAINED_VARIANTS)}")
     train: TrainConfig = Field(description="the same recipe for every variant")
     recovery: RecoverySettings
     distill: DistillConfig
 
-    @field_validator("variants")
-    @classmethod
-    def _variants(cls, v: list[str]) -> list[str]:
-        bad = [x for x in v if x not in TRAINED_VARIANTS]
-        if bad:
-            raise ValueError(f"unknown variant {bad[0]!r}; choose from {list(TRAINED_VARIANTS)}")
-        if len(set(v)) != len(v):
-            raise ValueError("variants must be distinct")
-        return v
 
 
 
@@ -315,20 +319,13 @@ class StudyConfig(Section):
     task: str = Field(description="the task every experiment trains and evaluates (others are removed)")
     method: str = Field(description="the compress.methods entry every experiment uses (others are removed)")
     seeds: list[int] = Field(min_length=1, description="recover.train.seed values: adapter init and data order")
-    variants: list[str] = Field(min_length=1, description="recover.variants of every experiment")
+    variants: TrainedVariants = Field(min_length=1, description="recover.variants of every experiment")
     steps: list[int] = Field(description="recover.train.steps values (axis 'steps')")
     max_train: int | None = Field(None, gt=0, description="fetch.split.max_train for the steps axis (null = as is)")
     strength: list[dict[str, Any]] = Field(description="compress.methods.<method> settings (axis 'strength')")
     distill: list[tuple[float, float]] = Field(description="(alpha, beta) of recover.distill (axis 'distill')")
     bootstrap: BootstrapConfig
 
-    @field_validator("variants")
-    @classmethod
-    def _variants(cls, v: list[str]) -> list[str]:
-        bad = [x for x in v if x not in TRAINED_VARIANTS]
-        if bad:
-            raise ValueError(f"unknown variant {bad[0]!r}; choose from {list(TRAINED_VARIANTS)}")
-        return v
 
 
 # --------------------------------------------------------------------------- all
