@@ -204,3 +204,35 @@ def test_hf_saved_dataset_dir_keeps_its_splits(tmp_path, raw_params):
     meta = _prepare(raw_params, tmp_path, source="hf:saved")
     assert meta["splits_from_source"] and meta["counts"] == {"train": 16, "validation": 4, "test": 4}
     assert meta["source"]["format"] == "hf" and len(meta["source"]["sha256"]) == 64
+
+
+def test_cli_fetch_refusal_is_one_line_and_nonzero(tmp_path, raw_params, capsys, monkeypatch):
+    import importlib
+
+    import yaml
+
+    from cpet.cli import main
+    monkeypatch.setattr(importlib.import_module("cpet.stages.fetch"), "prepare_base_model",
+                        lambda *a, **k: {"stub": True})
+    _write(tmp_path / "d.csv", _rows(), "csv")
+    params = _params(raw_params, tmp_path, source="csv:d.csv", text_column="body", label_column="label")
+    p = tmp_path / "p.yaml"
+    p.write_text(yaml.safe_dump(params.model_dump(by_alias=True)))
+    assert main(["--params", str(p), "--root", str(tmp_path), "fetch"]) == 1
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error: ")]
+    assert err == ["error: d.csv: no column 'label' (columns: body, stars, extra, split)"]
+    assert not (tmp_path / "data" / "processed").exists()
+
+
+def test_readme_example_entries_parse(raw_params, tmp_path):
+    import re
+    from pathlib import Path
+
+    import yaml
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Your own data"):readme.index("## Pipeline")]
+    tasks = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))["tasks"]
+    raw_params["tasks"] = tasks
+    params = parse_params(raw_params)
+    assert params.tasks["reviews"].clean.drop_unknown_labels
+    assert params.tasks["nli"].loader_options(tmp_path)["text_template"] == "{premise} / {hypothesis}"
