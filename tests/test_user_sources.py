@@ -173,11 +173,28 @@ def test_a_row_is_dropped_only_by_a_rule(tmp_path, raw_params):
     assert len(kept) == 1 and dropped == {"drop_conflicts": 0, "drop_duplicates": 1}
 
 
+def _old_dedupe(examples):
+    """cpet.data.dedupe before the cleaning rules (commit c586db9), verbatim in effect."""
+    from collections import defaultdict
+    labels_by_text = defaultdict(set)
+    for ex in examples:
+        labels_by_text[ex["text"]].add(ex["label"])
+    seen, kept = set(), []
+    for ex in examples:
+        if ex["text"] in seen or len(labels_by_text[ex["text"]]) > 1:
+            continue
+        seen.add(ex["text"])
+        kept.append(ex)
+    return kept, len(examples) - len(kept)
+
+
 def test_default_rules_match_the_old_dedupe():
     rows = [{"text": f"t{i % 7}", "label": "ab"[i % 7 % 2 if i < 30 else i % 2]} for i in range(40)]
-    old_kept, old_n = data.dedupe(rows)
+    rows += [{"text": f"u{i}", "label": "ab"[i % 2]} for i in range(20)]
+    old_kept, old_n = _old_dedupe(rows)
     kept, dropped = data.clean(rows, labels=None)
-    assert kept == old_kept and sum(dropped.values()) == old_n
+    assert kept == old_kept and sum(dropped.values()) == old_n and old_n > 0
+    assert data.dedupe(rows) == (old_kept, old_n)
 
 
 def test_user_task_passes_the_same_gate(tmp_path, raw_params):
@@ -231,7 +248,7 @@ def test_readme_example_entries_parse(raw_params, tmp_path):
     import yaml
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     section = readme[readme.index("## Your own data"):readme.index("## Pipeline")]
-    tasks = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))["tasks"]
+    tasks = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.DOTALL).group(1))["tasks"]
     raw_params["tasks"] = tasks
     params = parse_params(raw_params)
     assert params.tasks["reviews"].clean.drop_unknown_labels

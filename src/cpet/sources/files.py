@@ -116,19 +116,19 @@ def _map_rows(where_file: str, columns: list[str], records, *, text_column: str 
             raise DataError(f"{where_file}: no column {col!r} (columns: {', '.join(columns) or 'none'})")
     has_split = split_name is None and SPLIT_COLUMN in columns
     examples = []
-    for where, row in records:
-        def cell(col: str, kinds: tuple[type, ...]) -> object:
-            value = row.get(col)
-            if value is None or isinstance(value, bool) or not isinstance(value, kinds):
-                raise DataError(f"{where_file} {where}: column {col!r}: expected "
-                                f"{'/'.join(k.__name__ for k in kinds)}, got {value!r}")
-            return value
+    def cell(where: str, row: dict, col: str, kinds: tuple[type, ...]) -> object:
+        value = row.get(col)
+        if value is None or isinstance(value, bool) or not isinstance(value, kinds):
+            raise DataError(f"{where_file} {where}: column {col!r}: expected "
+                            f"{'/'.join(k.__name__ for k in kinds)}, got {value!r}")
+        return value
 
+    for where, row in records:
         if text_template:
-            text = text_template.format(**{c: cell(c, (str, int, float)) for c in text_cols})
+            text = text_template.format(**{c: cell(where, row, c, (str, int, float)) for c in text_cols})
         else:
-            text = cell(text_cols[0], (str,))
-        label = cell(label_column, (str, int))
+            text = cell(where, row, text_cols[0], (str,))
+        label = cell(where, row, label_column, (str, int))
         if isinstance(label, int) and label_names is not None:  # an hf ClassLabel column
             if not 0 <= label < len(label_names):
                 raise DataError(f"{where_file} {where}: column {label_column!r}: class id {label} "
