@@ -253,3 +253,9 @@ def test_readme_example_entries_parse(raw_params, tmp_path):
     params = parse_params(raw_params)
     assert params.tasks["reviews"].clean.drop_unknown_labels
     assert params.tasks["nli"].loader_options(tmp_path)["text_template"] == "{premise} / {hypothesis}"
+
+
+def test_jsonl_row_missing_a_column_is_named(tmp_path, raw_params):
+    (tmp_path / "gap.jsonl").write_text('{"text": "fine", "label": "neg"}\n{"label": "pos"}\n')
+    _refused(raw_params, tmp_path, "gap.jsonl line 2: column 'text': expected str, got None",
+             source="jsonl:gap.jsonl")

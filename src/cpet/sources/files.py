@@ -36,7 +36,7 @@ def _text(path: Path) -> str:
 
 
 def read_jsonl(path: Path) -> Records:
-    """One JSON object per line (blank lines skipped); columns = keys of the first object."""
+    """One JSON object per line (blank lines skipped); columns = every key seen, first-seen order."""
     rows = []
     for lineno, line in enumerate(_text(path).splitlines(), 1):
         if not line.strip():
@@ -48,7 +48,7 @@ def read_jsonl(path: Path) -> Records:
         if not isinstance(row, dict):
             raise DataError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}")
         rows.append((f"line {lineno}", row))
-    return (list(rows[0][1]) if rows else []), iter(rows)
+    return list(dict.fromkeys(k for _, row in rows for k in row)), iter(rows)
 
 
 def _read_delimited(path: Path, delimiter: str) -> Records:
@@ -116,6 +116,7 @@ def _map_rows(where_file: str, columns: list[str], records, *, text_column: str 
             raise DataError(f"{where_file}: no column {col!r} (columns: {', '.join(columns) or 'none'})")
     has_split = split_name is None and SPLIT_COLUMN in columns
     examples = []
+
     def cell(where: str, row: dict, col: str, kinds: tuple[type, ...]) -> object:
         value = row.get(col)
         if value is None or isinstance(value, bool) or not isinstance(value, kinds):
