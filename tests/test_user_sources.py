@@ -259,3 +259,35 @@ def test_jsonl_row_missing_a_column_is_named(tmp_path, raw_params):
     (tmp_path / "gap.jsonl").write_text('{"text": "fine", "label": "neg"}\n{"label": "pos"}\n')
     _refused(raw_params, tmp_path, "gap.jsonl line 2: column 'text': expected str, got None",
              source="jsonl:gap.jsonl")
+
+
+def test_hf_logic_with_a_stand_in_datasets_module(tmp_path, raw_params, monkeypatch):
+    """load_hf's split and ClassLabel handling, without the real package (not installed here)."""
+    import sys
+    import types
+
+    class Dataset(list):
+        def __init__(self, rows, names=None):
+            super().__init__(rows)
+            self.column_names = list(rows[0])
+            self.features = {"label": types.SimpleNamespace(names=names)} if names else {}
+
+    class DatasetDict(dict):
+        pass
+
+    rows = _rows()
+    saved = {s: Dataset([{"text": r["body"], "label": ["neg", "pos"].index(r["stars"])}
+                         for r in rows if r["split"] == s], names=["neg", "pos"]) for s in data.SPLITS}
+    fake = types.SimpleNamespace(Dataset=Dataset, DatasetDict=DatasetDict,
+                                 load_from_disk=lambda path: DatasetDict(saved))
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "dataset_dict.json").write_text("{}")
+    validation = saved.pop("validation")
+    _refused(raw_params, tmp_path, "hf:saved: splits train, test; need train, validation and test",
+             source="hf:saved")
+    saved["validation"] = validation
+    meta = _prepare(raw_params, tmp_path, source="hf:saved")
+    assert meta["splits_from_source"] and meta["counts"] == {"train": 16, "validation": 4, "test": 4}
+    assert meta["source"]["format"] == "hf" and len(meta["source"]["sha256"]) == 64
+    assert {r["label"] for r in data.load_split(tmp_path, "mine", "train")} == {"neg", "pos"}
