@@ -19,22 +19,96 @@ SPLITS = ("train", "validation", "test")
 
 
 def dedupe(examples: list[dict]) -> tuple[list[dict], int]:
-    """Drop repeated texts (keep the first), and texts that carry conflicting labels entirely.
+    """Drop texts that carry conflicting labels entirely, then repeated texts (keep the first).
 
     Duplicates would otherwise land in two splits (leakage) or twice in one split.
     """
+    kept, dropped = clean(examples, labels=None)
+    return kept, sum(dropped.values())
+
+
+# Cleaning rules in the order they run; each row is counted under the first rule that drops it.
+# Length rules see the whitespace-normalised text before fetch.max_chars truncates it; conflicts
+# and duplicates see the truncated text (what is written).
+RULES = ("drop_unknown_labels", "min_chars", "max_chars", "drop_conflicts", "drop_duplicates")
+
+
+def _conflicting(examples: list[dict]) -> set[str]:
     labels_by_text: dict[str, set[str]] = defaultdict(set)
     for ex in examples:
         labels_by_text[ex["text"]].add(ex["label"])
-    seen: set[str] = set()
-    kept = []
-    for ex in examples:
-        text = ex["text"]
-        if text in seen or len(labels_by_text[text]) > 1:
-            continue
-        seen.add(text)
-        kept.append(ex)
-    return kept, len(examples) - len(kept)
+    return {t for t, labels in labels_by_text.items() if len(labels) > 1}
+
+
+def clean(examples: list[dict], *, labels: list[str] | None, truncate=lambda text: text,
+          label_column: str = "label",
+          min_chars: int | None = None, max_chars: int | None = None,
+          drop_unknown_labels: bool = False, drop_conflicts: bool = True,
+          drop_duplicates: bool = True) -> tuple[list[dict], dict[str, int]]:
+    """Apply the task's cleaning rules; returns the kept rows and a count per rule that is on.
+
+    A label outside ``labels`` (when given) is an error naming the row unless
+    ``drop_unknown_labels``. Nothing is dropped except by a rule that is on, and counted.
+    """
+    dropped: dict[str, int] = {}
+    rows = examples
+    if labels is not None:
+        declared = set(labels)
+        unknown = [ex for ex in rows if ex["label"] not in declared]
+        if unknown and not drop_unknown_labels:
+            ex = unknown[0]
+            raise DataError(f"{ex.get('row', 'task data')}: column {label_column!r}: label "
+                            f"{ex['label']!r} is not a declared label "
+                            f"({', '.join(sorted(declared))}); {len(unknown)} such row(s); "
+                            f"set clean.drop_unknown_labels to drop them")
+        if drop_unknown_labels:
+            rows = [ex for ex in rows if ex["label"] in declared]
+            dropped["drop_unknown_labels"] = len(unknown)
+    for rule, keep in (("min_chars", lambda n, v: n >= v), ("max_chars", lambda n, v: n <= v)):
+        value = min_chars if rule == "min_chars" else max_chars
+        if value is not None:
+            before = len(rows)
+            rows = [ex for ex in rows if keep(len(ex["text"]), value)]
+            dropped[rule] = before - len(rows)
+    rows = [{**ex, "text": truncate(ex["text"])} for ex in rows]
+    if drop_conflicts:
+        conflicting = _conflicting(rows)
+        before = len(rows)
+        rows = [ex for ex in rows if ex["text"] not in conflicting]
+        dropped["drop_conflicts"] = before - len(rows)
+    if drop_duplicates:
+        seen: set[str] = set()
+        kept = []
+        for ex in rows:
+            if ex["text"] not in seen:
+                seen.add(ex["text"])
+                kept.append(ex)
+        dropped["drop_duplicates"] = len(rows) - len(kept)
+        rows = kept
+    return rows, dropped
+
+
+def given_splits(examples: list[dict], caps: dict[str, int]) -> dict[str, list[dict]] | None:
+    """The data's own splits (each row's ``split``), capped class-proportionally keeping the
+    file's order; ``None`` when the rows carry no split."""
+    if not any("split" in ex for ex in examples):
+        return None
+    out = {}
+    for split in SPLITS:
+        rows = [ex for ex in examples if ex["split"] == split]
+        quota = _proportional(dict(Counter(ex["label"] for ex in rows)), caps[split])
+        taken: Counter = Counter()
+        out[split] = []
+        for ex in rows:
+            if taken[ex["label"]] < quota[ex["label"]]:
+                taken[ex["label"]] += 1
+                out[split].append(ex)
+    return out
+
+
+def strip(rows: list[dict]) -> list[dict]:
+    """Only what a split file holds: ``{"text", "label"}``."""
+    return [{"text": ex["text"], "label": ex["label"]} for ex in rows]
 
 
 def stratified_split(
@@ -92,13 +166,18 @@ def class_counts(rows: list[dict]) -> dict[str, int]:
 
 
 def manifest(task: str, labels: list[str], splits: dict[str, list[dict]], seed: int,
-             source: dict[str, Any], dropped_duplicates: int) -> dict[str, Any]:
+             source: dict[str, Any], dropped: dict[str, int],
+             cleaning: dict[str, Any] | None = None, given_splits: bool = False) -> dict[str, Any]:
+    """``dropped``: rows removed per cleaning rule (``dropped_duplicates`` keeps the old total of
+    conflicts + duplicates); ``cleaning``: the rules as configured."""
     return {
         "task": task,
         "labels": labels,
         "seed": seed,
         "source": source,
-        "dropped_duplicates": dropped_duplicates,
+        "dropped_duplicates": dropped.get("drop_conflicts", 0) + dropped.get("drop_duplicates", 0),
+        "cleaning": {"rules": cleaning or {}, "dropped": dropped},
+        "splits_from_source": given_splits,
         "counts": {s: len(splits[s]) for s in SPLITS},
         "class_counts": {s: class_counts(splits[s]) for s in SPLITS},
     }

@@ -9,6 +9,7 @@ at load with a :class:`~cpet.errors.ConfigError` whose message names the key pat
 from __future__ import annotations
 
 import re
+import string
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -35,12 +36,70 @@ def _folder_names(kind: str, names: dict) -> dict:
     return names
 
 
+# Sources that read the user's own data (cpet.sources.files); the column options apply to these.
+USER_SOURCES = ("jsonl", "csv", "tsv", "parquet", "hf")
+
+
+class CleanConfig(Section):
+    """Rows fetch drops, each rule counted in the manifest and fetch report. The defaults are
+    what every task always had: conflicting labels and duplicate texts are dropped."""
+
+    min_chars: int | None = Field(None, ge=1, description="Drop texts shorter than this (normalised).")
+    max_chars: int | None = Field(None, ge=1, description="Drop (not truncate) texts longer than this.")
+    drop_duplicates: bool = Field(True, description="Drop exact repeats of a text (keep the first).")
+    drop_conflicts: bool = Field(True, description="Drop every row of a text seen with two labels.")
+    drop_unknown_labels: bool = Field(
+        False, description="Drop labels outside the verbalizer's keys (else they are an error).")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> CleanConfig:
+        if self.min_chars is not None and self.max_chars is not None and self.min_chars > self.max_chars:
+            raise ValueError("min_chars must not exceed max_chars")
+        return self
+
+
 class TaskConfig(Section):
     """One classification task, posed to a causal LM as "prompt -> label word"."""
 
-    source: str = Field(description="Loader name: 'sentiment', 'topic' or 'bigbench:<task path>'.")
+    source: str = Field(description="Loader: 'sentiment', 'topic', 'bigbench:<task path>', or the "
+                                    "user's data: 'jsonl:', 'csv:', 'tsv:', 'parquet:<path>', "
+                                    "'hf:<saved dataset dir>' or 'hf:<hub id>[:config]'.")
     template: str = Field(description="Prompt with a '{text}' slot; the label word follows it.")
     verbalizer: dict[str, str] = Field(description="Label -> label word (its first token scores).")
+    text_column: str | None = Field(None, description="User data: the text column (default 'text').")
+    label_column: str | None = Field(None, description="User data: the label column (default 'label').")
+    text_template: str | None = Field(
+        None, description="User data: text built from columns, e.g. '{premise} / {hypothesis}'.")
+    clean: CleanConfig = Field(default_factory=CleanConfig, description="Cleaning rules (counted).")
+
+    @model_validator(mode="after")
+    def _columns(self) -> TaskConfig:
+        prefix, sep, arg = self.source.partition(":")
+        user = prefix in USER_SOURCES
+        if user and not (sep and arg):
+            raise ValueError(f"source {self.source!r} needs a path: '{prefix}:<path>'")
+        mapped = [k for k in ("text_column", "label_column", "text_template") if getattr(self, k)]
+        if mapped and not user:
+            raise ValueError(f"{', '.join(mapped)} apply only to sources "
+                             f"{', '.join(p + ':' for p in USER_SOURCES)}")
+        if self.text_column is not None and self.text_template is not None:
+            raise ValueError("give text_column or text_template, not both")
+        if self.text_template is not None:
+            try:
+                fields = [f for _, f, _, _ in string.Formatter().parse(self.text_template) if f is not None]
+            except ValueError as err:
+                raise ValueError(f"text_template: {err}") from None
+            if not fields or any(not f.isidentifier() for f in fields):
+                raise ValueError("text_template needs named column slots, e.g. '{premise} / {hypothesis}'")
+        return self
+
+    def loader_options(self, root: Path) -> dict[str, Any]:
+        """Keyword options for the source's loader: the project root, the declared labels and
+        the column mapping for the user's data; nothing for a package source."""
+        if self.source.partition(":")[0] not in USER_SOURCES:
+            return {}
+        return {"root": root, "labels": sorted(self.verbalizer), "text_column": self.text_column,
+                "label_column": self.label_column, "text_template": self.text_template}
 
     @field_validator("template")
     @classmethod

@@ -1,9 +1,10 @@
-"""Classification tasks read from pinned package archives.
+"""Classification tasks read from pinned package archives, or from the user's own files.
 
 ``load_task(name, cache_dir, max_chars=...)`` looks the name up in ``LOADERS`` (a plain name) or
-``PREFIX_LOADERS`` (``prefix:argument``, e.g. ``bigbench:fact_checker/fever``). A loader returns
-raw ``{"text", "label"}`` rows in a deterministic order; ``load_task`` normalises whitespace and
-truncates every text in one place.
+``PREFIX_LOADERS`` (``prefix:argument``, e.g. ``bigbench:fact_checker/fever`` or
+``csv:data/raw/reviews.csv``). A loader returns raw ``{"text", "label"}`` rows in a deterministic
+order (user files add ``row``, where it came from, and ``split`` when the file has its own);
+``load_task`` normalises whitespace and truncates every text in one place.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path, PurePosixPath
 
 from cpet.errors import ConfigError, DataError
 from cpet.io import sha256_file
+from cpet.sources.files import READERS, load_file_task, load_hf
 from cpet.sources.packages import fetch_package, iter_members, read_member
 
 VADER = "vadersentiment==3.3.2"
@@ -48,10 +50,11 @@ def decode(data: bytes) -> str:
         return data.decode("latin-1")
 
 
-def clean_text(text: str, max_chars: int) -> str:
-    """Collapse whitespace; cut to at most ``max_chars`` at a word boundary (mid-word if none)."""
+def clean_text(text: str, max_chars: int | None) -> str:
+    """Collapse whitespace; cut to at most ``max_chars`` (if given) at a word boundary (mid-word if
+    none)."""
     text = " ".join(text.split())
-    if len(text) <= max_chars:
+    if max_chars is None or len(text) <= max_chars:
         return text
     cut = text.rfind(" ", 0, max_chars + 1)
     return text[:cut] if cut > 0 else text[:max_chars]
@@ -118,8 +121,29 @@ def load_bigbench(task_path: str, cache_dir: Path) -> TaskData:
     return TaskData(examples, sorted(labels), _source(BIGBENCH, archive, member))
 
 
+def _file_loader(fmt: str) -> Callable[..., TaskData]:
+    def load(path: str, cache_dir: Path, *, root: Path, labels: list[str],
+             text_column: str | None = None, label_column: str | None = None,
+             text_template: str | None = None) -> TaskData:
+        return TaskData(*load_file_task(fmt, path, root=root, labels=labels, text_column=text_column,
+                                        label_column=label_column, text_template=text_template))
+    load.__doc__ = f"A {fmt} file under the project root; see cpet.sources.files."
+    return load
+
+
+def _load_hf(arg: str, cache_dir: Path, *, root: Path, labels: list[str],
+             text_column: str | None = None, label_column: str | None = None,
+             text_template: str | None = None) -> TaskData:
+    return TaskData(*load_hf(arg, root=root, labels=labels, text_column=text_column,
+                             label_column=label_column, text_template=text_template))
+
+
 LOADERS: dict[str, Callable[..., TaskData]] = {"sentiment": load_sentiment, "topic": load_topic}
-PREFIX_LOADERS: dict[str, Callable[..., TaskData]] = {"bigbench": load_bigbench}
+PREFIX_LOADERS: dict[str, Callable[..., TaskData]] = {
+    "bigbench": load_bigbench,
+    **{fmt: _file_loader(fmt) for fmt in READERS},
+    "hf": _load_hf,
+}
 
 
 def known_tasks() -> list[str]:
@@ -127,9 +151,10 @@ def known_tasks() -> list[str]:
     return sorted(LOADERS) + [f"{p}:<task path>" for p in sorted(PREFIX_LOADERS)]
 
 
-def load_task(name: str, cache_dir: Path, *, max_chars: int, **options) -> TaskData:
-    """Load a task by name; ``options`` go to its loader (e.g. ``min_abs_rating`` for sentiment)."""
-    if not isinstance(max_chars, int) or max_chars < 1:
+def load_task(name: str, cache_dir: Path, *, max_chars: int | None, **options) -> TaskData:
+    """Load a task by name; ``options`` go to its loader (e.g. ``min_abs_rating`` for sentiment,
+    ``root`` and ``labels`` for a user file). ``max_chars=None`` normalises whitespace only."""
+    if max_chars is not None and (not isinstance(max_chars, int) or max_chars < 1):
         raise ConfigError(f"max_chars must be a positive integer, got {max_chars!r}")
     prefix, sep, arg = name.partition(":")
     if sep and prefix in PREFIX_LOADERS and arg:
@@ -143,6 +168,5 @@ def load_task(name: str, cache_dir: Path, *, max_chars: int, **options) -> TaskD
     except TypeError as exc:
         raise ConfigError(f"task {name!r}: {exc}") from None
     data = loader(*args, **options)
-    data.examples = [{"text": clean_text(ex["text"], max_chars), "label": ex["label"]}
-                     for ex in data.examples]
+    data.examples = [{**ex, "text": clean_text(ex["text"], max_chars)} for ex in data.examples]
     return data
