@@ -111,6 +111,8 @@ def _experiment_revs(root: Path) -> dict[str, str]:
     out = {}
     for commit in json.loads(proc.stdout or "[]"):
         for exp in commit.get("experiments") or []:
+            if (exp.get("executor") or {}).get("state") not in (None, "success"):
+                continue  # queued or still running: no results yet
             for rev in exp.get("revs") or []:
                 if (rev.get("name") or "").startswith(PREFIX) and not rev.get("error"):
                     out[rev["name"]] = rev["rev"]
