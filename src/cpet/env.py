@@ -70,6 +70,13 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def cuda_devices() -> list[int]:
+    """Every CUDA device torch sees (what ``torch.random.fork_rng`` saves and restores)."""
+    import torch
+
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
 #: Held around whatever uses or patches torch/transformers process-global state: the global RNG
 #: (seeded init, a training run) and model construction (``from_pretrained``'s meta-device
 #: context and ``no_init_weights`` patch ``torch.nn.init`` for every thread). Threads of one

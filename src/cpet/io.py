@@ -106,16 +106,21 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return _DIGESTS[memo]
 
 
+def visible_files(folder: str | os.PathLike) -> list[Path]:
+    """Files under ``folder``, sorted, without hidden ones (``.x.tmp`` leftovers of atomic writes)."""
+    folder = Path(folder)
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
 def tree_hash(path: str | os.PathLike) -> str:
     """Content hash of a file, or of a folder: every file's relative path and sha256, sorted
     (hidden leftovers such as ``.x.tmp`` ignored)."""
     path = Path(path)
     if path.is_file():
         return sha256_file(path)
-    files = sorted(p for p in path.rglob("*")
-                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
     h = hashlib.sha256()
-    for f in files:
+    for f in visible_files(path):
         h.update(f"{f.relative_to(path).as_posix()}\0{sha256_file(f)}\n".encode())
     return h.hexdigest()
 

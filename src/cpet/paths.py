@@ -13,10 +13,9 @@ import struct
 from pathlib import Path
 
 from cpet.errors import CpetError
+from cpet.io import visible_files
 
 BASE = Path("models") / "base"
-PROCESSED = Path("data") / "processed"
-VALIDATION = Path("reports") / "validation"
 
 
 def compressed(method: str) -> Path:
@@ -33,10 +32,6 @@ def teacher_adapter(task: str) -> Path:
 
 def teacher_cache(task: str) -> Path:
     return teacher(task) / "cache.safetensors"
-
-
-def onnx(method: str) -> Path:
-    return Path("models") / "onnx" / method
 
 
 #: first two path parts -> (stage, fan-out option); the third part is the item
@@ -68,8 +63,7 @@ def require(root: str | Path, rel: str | Path) -> Path:
     path = Path(root) / rel
     if not path.exists():
         raise CpetError(f"{rel}: missing; it is made by {made_by(Path(rel))}")
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()
-                                                 and not any(s.startswith(".") for s in p.relative_to(path).parts))
+    files = [path] if path.is_file() else visible_files(path)
     if not files:
         raise CpetError(f"{rel}: empty; it is made by {made_by(Path(rel))}")
     for f in files:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cpet import data, io, paths
 from cpet.config import Params
-from cpet.env import TORCH_GLOBALS, device, is_main_process
+from cpet.env import TORCH_GLOBALS, cuda_devices, device, is_main_process
 from cpet.errors import ConfigError
 from cpet.lmcls import Verbalizer
 from cpet.stages.validate import require_valid
@@ -126,17 +126,9 @@ def seeded_init(seed: int) -> Iterator[None]:
     import torch
     from transformers import set_seed
 
-    from cpet.train import RNG_LOCK
-
-    with RNG_LOCK, torch.random.fork_rng(devices=_cuda_devices()):
+    with TORCH_GLOBALS, torch.random.fork_rng(devices=cuda_devices()):
         set_seed(seed)
         yield
-
-
-def _cuda_devices() -> list[int]:
-    import torch
-
-    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
 
 
 def train_examples(view: TaskView, split: str = "train"):

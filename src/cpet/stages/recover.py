@@ -16,7 +16,6 @@ from cpet.config import Params
 from cpet.config.recipes import RECIPES
 from cpet.stages.common import (CURVES, checkpoint_dir, data_hashes, load_compressed_base, load_tokenizer, seeded_init,
                                 task_identity, task_views, train_adapter)
-from cpet.stages.teacher import OUT_DIR as TEACHER_DIR
 
 OUT_DIR = Path("models") / "recover"
 REPORT_DIR = Path("reports") / "recover"
@@ -43,7 +42,7 @@ def variant_inputs(params: Params, root: Path, task: str, variant: str) -> dict:
     teacher adapter, the LoRA settings of a fresh one, recovery settings, the teacher cache and
     the distillation weights."""
     recipe = RECIPES[variant]
-    teacher = root / TEACHER_DIR / task
+    teacher = root / paths.teacher(task)
     inputs: dict = {"variant": variant,
                     "lora": io.tree_hash(teacher / "adapter") if recipe.inherit else params.teacher.lora.model_dump()}
     if recipe.recovery:
@@ -74,8 +73,9 @@ def recover(params: Params, root: str | Path = ".", method: str | None = None) -
             continue
         metrics: dict = {}
         with io.atomic_dir(root / OUT_DIR / name) as tmp, io.atomic_dir(root / CURVES / "recover" / name) as curves:
+            compressed = io.tree_hash(root / paths.compressed(name))
             for view in views:
-                common = {"compressed": io.tree_hash(root / "models" / "compressed" / name), **task_identity(view),
+                common = {"compressed": compressed, **task_identity(view),
                           "data": data_hashes(root, view.name), "train": config.model_dump()}
                 for variant in params.recover.variants:
                     model = build_variant(params, root, name, view.name, variant)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cpet.env import TORCH_GLOBALS, device, use_bf16
+from cpet.env import TORCH_GLOBALS, cuda_devices, device, use_bf16
 from cpet.errors import CpetError
 from cpet.train import checkpoint
 from cpet.train.checkpoint import TrainState
@@ -114,8 +114,7 @@ def train(model: nn.Module, data: TokenizedExamples, loss_fn: LossFn, config: Tr
     caller hashed of its inputs) and recipe. The global torch RNG is used under :data:`RNG_LOCK`
     and restored afterwards.
     """
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with RNG_LOCK, torch.random.fork_rng(devices=devices):
+    with RNG_LOCK, torch.random.fork_rng(devices=cuda_devices()):
         return _train(model, data, loss_fn, config, trainable=trainable, evaluate=evaluate,
                       checkpoint_dir=checkpoint_dir, checkpoint_key=checkpoint_key,
                       accelerator=accelerator, progress=progress)
