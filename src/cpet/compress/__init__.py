@@ -9,11 +9,11 @@ Public API::
     save_compressed(cm, out_dir, source_hash=...)
     load_compressed(out_dir, form="train")    # or form="deploy": packed int weights at runtime
 
-Methods: int8, int4, int3, nf4 (CUDA only), unstructured, 2:4 / nm, structured, moe, mixed.
+Methods: int8, int4, int3, nf4 (CUDA only), w8a8 (int8 weights and activations), unstructured, 2:4 / nm, structured, moe, mixed.
 Importing this package only defines classes and fills the registry.
 """
 
-from cpet.compress import mixed, moe, prune, quant, structured  # noqa: F401  (register methods)
+from cpet.compress import mixed, moe, prune, quant, structured, w8a8  # noqa: F401  (register methods)
 from cpet.compress.config import MethodConfig
 from cpet.compress.core import CompressedModel, QuantRecord, WeightRecord, compress
 from cpet.compress.moe import MoEFFN, moe_stats

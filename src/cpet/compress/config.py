@@ -72,6 +72,19 @@ class Int8Config(_Selective):
     embeddings: bool = Field(False, description="also quantize the input embedding and the output head")
 
 
+class W8A8Config(_Selective):
+    """SmoothQuant int8 weights (per output channel) and int8 activations (per token)."""
+
+    method: Literal["w8a8"] = "w8a8"
+    alpha: float = Field(0.5, ge=0, le=1, description="SmoothQuant migration strength; 0 = no smoothing")
+    guard: float = Field(
+        0.1, gt=0, description="largest relative output error int8 activations may cause on calibration "
+                               "data; a layer above it keeps float activations (int8 weights)")
+
+    needs_calibration: ClassVar[bool] = True
+    embeddings: ClassVar[bool] = False  # embeddings and the head stay float (no GEMM to speed up)
+
+
 class IntNConfig(_Selective):
     """Group-wise symmetric 4- or 3-bit weights; GPTQ error compensation when calibrated."""
 
@@ -190,7 +203,7 @@ class MixedConfig(MethodConfig):
                 raise ConfigError(
                     f"{cfg.key('method')}: '{cfg.method}' cannot follow '{last[1]}' "
                     "(order: structured, moe, pruning (unstructured | 2:4 | nm), quantization "
-                    "(int8 | int4 | int3 | nf4); each kind at most once)"
+                    "(int8 | int4 | int3 | nf4 | w8a8); each kind at most once)"
                 )
             last = (stage, cfg.method)
             parsed.append(cfg)

@@ -59,9 +59,11 @@ class WeightRecord:
     kind: Literal["linear", "embedding"]
     quant: QuantRecord | None = None
     mask: torch.Tensor | None = None  # bool, False = pruned: always exactly zero
+    act: str | None = None  # "per-token": int8 activations too (cpet.compress.w8a8); None: float
 
     def meta(self) -> dict:
-        return {"kind": self.kind, "quant": self.quant.meta() if self.quant else None, "sparse": self.mask is not None}
+        return {"kind": self.kind, "quant": self.quant.meta() if self.quant else None, "sparse": self.mask is not None,
+                "act": self.act}
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Deployment-form modules: run on packed integer weights, activations stay float.
+"""Deployment-form modules: run on packed integer weights (activations float, or int8 per token for w8a8).
 
 ``QuantLinear`` keeps ``packed`` levels (1 byte per weight for int8, two per byte for int4
 and int3: 3-bit levels are 3 bits on disk but nibbles in memory, 10x faster to unpack) and
@@ -27,6 +27,7 @@ from torch import nn
 from cpet.compress import qmath
 from cpet.compress.arch import is_projection, parent_of, projection
 from cpet.compress.core import QuantRecord, WeightRecord, freeze
+from cpet.compress.w8a8 import fake_quant
 
 
 class _Packed(nn.Module):
@@ -49,15 +50,19 @@ class _Packed(nn.Module):
 
 
 class QuantLinear(_Packed):
-    """Weight-only quantized replacement of a projection (``nn.Linear``, ``Conv1D``)."""
+    """Quantized replacement of a projection (``nn.Linear``, ``Conv1D``): weight-only, or with
+    ``act="per-token"`` int8 activations too (:mod:`cpet.compress.w8a8`), as in training form."""
 
-    def __init__(self, linear: nn.Module, quant: QuantRecord) -> None:
+    def __init__(self, linear: nn.Module, quant: QuantRecord, act: str | None = None) -> None:
         p = projection(linear)
         super().__init__(p.out_features, p.in_features, quant, p.weight.dtype)
         self.in_features, self.out_features = p.in_features, p.out_features
         self.bias = None if p.bias is None else nn.Parameter(p.bias.detach().clone(), requires_grad=False)
+        self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is not None:
+            x = fake_quant(x)
         return torch.nn.functional.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
 
 
@@ -93,7 +98,8 @@ def to_deploy(model: nn.Module, records: dict[str, WeightRecord]) -> nn.Module:
         shared: dict[str, torch.Tensor] = {}
         for owner in owners[id(deploy.get_submodule(name).weight)]:
             old = deploy.get_submodule(owner)
-            new = QuantEmbedding(old, rec.quant) if isinstance(old, nn.Embedding) else QuantLinear(old, rec.quant)
+            new = (QuantEmbedding(old, rec.quant) if isinstance(old, nn.Embedding)
+                   else QuantLinear(old, rec.quant, rec.act))
             for key in ("packed", "scales"):
                 shared.setdefault(key, getattr(new, key))
                 setattr(new, key, shared[key])

@@ -126,13 +126,14 @@ def _records(tensors: dict[str, torch.Tensor], layers: dict[str, dict]) -> dict[
                 levels = torch.full((rows, cols), qmath.zero_level(bits, codebook), dtype=torch.uint8)
                 levels[mask] = qmath.unpack(packed, bits, int(mask.sum()))[0]
             quant = QuantRecord(bits, q["group_size"], levels.contiguous(), tensors[f"{name}.weight.scales"], codebook)
-        records[name] = WeightRecord(meta["kind"], quant, mask)
+        records[name] = WeightRecord(meta["kind"], quant, mask, meta.get("act"))
     return records
 
 
 def load_compressed_model(out_dir: str | os.PathLike) -> CompressedModel:
     """The saved compressed model in training form, with its records (e.g. to ``verify()``)."""
     from cpet.compress.moe import install_skeleton
+    from cpet.compress.w8a8 import install as install_act_quant
 
     out_dir = Path(out_dir)
     m = read_manifest(out_dir)
@@ -174,6 +175,7 @@ def load_compressed_model(out_dir: str | os.PathLike) -> CompressedModel:
         if a is not s:
             with torch.no_grad():
                 a.copy_(s)
+    install_act_quant(model, records)
     cfg = METHODS[m["params"]["method"]].config_cls.from_raw(m["params"], m["name"])
     info = {k: m[k] for k in ("steps", "source", "kept", "moe") if m.get(k) is not None}
     return CompressedModel(freeze(model), cfg, records, info)

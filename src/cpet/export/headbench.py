@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
             folder = work / name.replace("/", "_") / form
             if not (folder / "model.onnx").is_file():  # "apart": one A and one B GEMM per side path
                 export_onnx(deploy_model(model, records, "onnx", share=form != "lean-apart"), folder,
-                            expect_nbits=quantized_linears(records), lean=form != "full")
+                            expect_nbits=quantized_linears(records),
+                            expect_int8=quantized_linears(records, act=True), lean=form != "full")
             sessions[f"{name} {form}"] = OnnxLM(session(folder, threads=args.threads))
         print(f"exported {name}", flush=True)
     ids, mask = inputs(args.batch, args.seq_len, base.config.vocab_size)

@@ -2,7 +2,7 @@
 
 The graph is optimum's ``text-generation`` export (no past key/values: classification needs one
 forward pass) of the deployment form from :mod:`cpet.export.sidepath`; quantized layers trace
-straight into ``MatMulNBits`` nodes, so no graph rewrite is needed. The folder is what
+straight into ``MatMulNBits`` nodes (w8a8 layers into ``MatMulInteger``), so no graph rewrite is needed. The folder is what
 ``optimum.onnxruntime.ORTModelForCausalLM.from_pretrained(dir, use_cache=False)`` loads.
 
 **Lean head** (the default): classification reads the next-token logits at each row's last real
@@ -81,11 +81,12 @@ def last_position_head(model: torch.nn.Module):
 
 
 def export_onnx(model: torch.nn.Module, out_dir: str | os.PathLike, *, expect_nbits: int = 0,
-                lean: bool = True) -> dict:
+                expect_int8: int = 0, lean: bool = True) -> dict:
     """Export ``model`` (a plain HF causal LM, deployment form) into ``out_dir``; returns graph facts.
 
     ``expect_nbits`` is the number of quantized layers: the graph must hold exactly that many
-    MatMulNBits nodes (a layer silently exported as a float MatMul would be a wrong artifact).
+    MatMulNBits nodes (a layer silently exported as a float MatMul would be a wrong artifact);
+    ``expect_int8`` likewise the number of w8a8 layers and MatMulInteger nodes.
     ``lean``: logits at each row's last real token only (module docstring); ``False`` keeps the
     head over every position (the reference the lean graph is tested and benchmarked against).
     """
@@ -111,7 +112,9 @@ def export_onnx(model: torch.nn.Module, out_dir: str | os.PathLike, *, expect_nb
     ops = Counter(node.op_type for node in graph.node)
     if ops["MatMulNBits"] != expect_nbits:
         raise CpetError(f"export: graph has {ops['MatMulNBits']} MatMulNBits nodes, expected {expect_nbits}")
-    return {"matmul_nbits": ops["MatMulNBits"], "matmul": ops["MatMul"], "logits": LAST_POSITION if lean else "all",
+    if ops["MatMulInteger"] != expect_int8:
+        raise CpetError(f"export: graph has {ops['MatMulInteger']} MatMulInteger nodes, expected {expect_int8}")
+    return {"matmul_nbits": ops["MatMulNBits"], "matmul_integer": ops["MatMulInteger"], "matmul": ops["MatMul"], "logits": LAST_POSITION if lean else "all",
             "inputs": [i.name for i in graph.input], "bytes": folder_bytes(out_dir)}
 
 

@@ -16,7 +16,8 @@ gate/up) are stacked into one GEMM and each layer's paths share one B GEMM (:fun
 
 ``deploy_model(bundle, records, backend)`` builds that form as a plain HF model: ``backend="torch"``
 runs quantized layers from packed storage (:class:`cpet.compress.QuantLinear`), ``"onnx"`` traces
-them as ``MatMulNBits`` (:class:`cpet.export.nbits.NBitsLinear`). ``cpet.serve.MultiTaskModel``
+them as ``MatMulNBits`` (:class:`cpet.export.nbits.NBitsLinear`), or, with int8 activations (w8a8),
+as ``MatMulInteger`` (:class:`cpet.export.int8.Int8Linear`). ``cpet.serve.MultiTaskModel``
 reuses :func:`layer_terms`, :func:`side_terms` and :class:`SidePath` to give one base a switchable
 side path per task.
 """
@@ -325,8 +326,10 @@ def deploy_model(model: nn.Module, records: dict[str, WeightRecord] | None = Non
         return to_deploy(work, renamed) if renamed else work.requires_grad_(False)
     if backend != "onnx":
         raise CpetError(f"backend must be 'torch' or 'onnx', got {backend!r}")
+    from cpet.export.int8 import Int8Linear
     from cpet.export.nbits import NBitsLinear
 
     for name, rec in renamed.items():
-        work.set_submodule(name, NBitsLinear(work.get_submodule(name), rec.quant))
+        kind = Int8Linear if rec.act else NBitsLinear
+        work.set_submodule(name, kind(work.get_submodule(name), rec.quant))
     return work.requires_grad_(False)

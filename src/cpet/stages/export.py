@@ -25,8 +25,11 @@ REPORT_DIR = Path("reports") / "export"
 META = "cpet_export.json"
 
 
-def quantized_linears(records) -> int:
-    return sum(1 for r in (records or {}).values() if r.quant is not None and r.kind == "linear")
+def quantized_linears(records, act: bool = False) -> int:
+    """Quantized linear layers: weight-only ones (MatMulNBits), or with ``act`` the w8a8 ones
+    (int8 activations: MatMulInteger)."""
+    return sum(1 for r in (records or {}).values()
+               if r.quant is not None and r.kind == "linear" and (r.act is not None) == act)
 
 
 def write_onnx(model, records, tokenizer, out: Path, meta: dict) -> dict:
@@ -35,7 +38,8 @@ def write_onnx(model, records, tokenizer, out: Path, meta: dict) -> dict:
     from cpet.export.onnx import export_onnx, folder_bytes
 
     t0 = time.perf_counter()
-    graph = export_onnx(deploy_model(model, records, "onnx"), out, expect_nbits=quantized_linears(records))
+    graph = export_onnx(deploy_model(model, records, "onnx"), out, expect_nbits=quantized_linears(records),
+                        expect_int8=quantized_linears(records, act=True))
     tokenizer.save_pretrained(out)
     io.write_json(out / META, meta)
     return {**graph, "bytes": folder_bytes(out), "export_seconds": round(time.perf_counter() - t0, 1)}
