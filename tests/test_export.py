@@ -319,3 +319,27 @@ def test_w8a8_bundle_exports_to_integer_kernels_that_agree_with_training(tmp_pat
     assert torch.equal(ort_logits.argmax(-1), ref.argmax(-1))
     torch.testing.assert_close(ort_logits, ref, atol=1e-3, rtol=0)
     torch.testing.assert_close(logits(deploy_model(bundle, cm.records, "torch")), logits(bundle), atol=1e-4, rtol=0)
+
+
+def test_int8bench_graphs_compute_the_same_product_and_profile_names_the_kernels(tmp_path):
+    """The GEMM bench compares like with like (every arithmetic approximates x @ W), and the
+    profiler attributes time to the integer kernels of a w8a8 export."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from cpet.export.int8bench import gemm_graphs, profile
+    from cpet.export.onnx import export_onnx
+
+    graphs = gemm_graphs(32, 24)
+    x = np.random.default_rng(0).standard_normal((5, 32)).astype(np.float32)
+    out = {name: ort.InferenceSession(g, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+           for name, g in graphs.items()}
+    scale = np.abs(out["fp32"]).max()
+    for name in ("per-token", "dynamic-tensor"):
+        assert np.abs(out[name] - out["fp32"]).max() < 0.05 * scale, name
+    g = torch.Generator().manual_seed(3)
+    cm = compress(tiny_llama(), {"method": "w8a8"}, [{"input_ids": torch.randint(0, 40, (2, 12), generator=g)}])
+    export_onnx(deploy_model(cm.model, cm.records, "onnx"), tmp_path, expect_int8=14)
+    prof = profile(tmp_path, batch=1, seq_len=8, rounds=2, threads=1)
+    assert prof["runs"] == 2 and "MatMulInteger" in prof["ops"]
+    assert abs(sum(op["share"] for op in prof["ops"].values()) - 1) < 0.01
