@@ -40,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--dry-run", action="store_true", help="print the dvc exp run commands only")
     st.add_argument("--only", nargs="*", help="experiment names to run (default: all not yet done)")
     sub.add_parser("study-report", help="aggregate the study's experiments into reports/study/")
+    fr = sub.add_parser("front", help="run params.yaml front.methods through the pipeline as one DVC experiment")
+    fr.add_argument("--dry-run", action="store_true", help="print the dvc exp run command only")
+    frr = sub.add_parser("front-report", help="accuracy vs ORT speedup per setting: reports/front.{json,md,png}")
+    frr.add_argument("--workspace", action="store_true",
+                     help="read the workspace's reports/results.json and bench.json, not the 'front' experiment")
     sub.add_parser("check-params", help="validate params.yaml and print it resolved")
     sd = sub.add_parser("stage-deps", help="each stage's code deps derived from its imports vs dvc.yaml")
     sd.add_argument("--write", action="store_true", help="rewrite the src/ deps in dvc.yaml to match")
@@ -134,6 +139,21 @@ def _study_report(args, params) -> int:
     return 0
 
 
+def _front(args, params) -> int:
+    from cpet import front
+
+    print(front.run(params, Path(args.root), args.dry_run))
+    return 0
+
+
+def _front_report(args, params) -> int:
+    from cpet import front
+
+    result = front.write_report(params, Path(args.root), workspace=args.workspace)
+    print(front.markdown(result), end="")
+    return 0
+
+
 def _load_test(args, params) -> int:
     from cpet.loadtest import command
 
@@ -181,6 +201,8 @@ COMMANDS = {
     "serve": (_serve, True),
     "study": (_study, True),
     "study-report": (_study_report, True),
+    "front": (_front, True),
+    "front-report": (_front_report, True),
     "load-test": (_load_test, True),
     "check-params": (_check_params, True),
     "promote": (_promote, True),

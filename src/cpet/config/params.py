@@ -387,6 +387,25 @@ class StudyConfig(Section):
 
 
 
+# --------------------------------------------------------------------------- front
+class FrontConfig(Section):
+    """``cpet front``: one DVC experiment over these compression settings; ``cpet front-report``."""
+
+    methods: dict[str, dict[str, Any]] = Field(
+        min_length=1, description="name -> method config, replacing compress.methods in the experiment")
+    accuracy_tolerance: float = Field(
+        ge=0, lt=1, description="largest accuracy drop from original+pet, on every task, for 'within tolerance'")
+
+    @field_validator("methods")
+    @classmethod
+    def _names(cls, methods: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from cpet.compress import parse_config
+
+        for name, raw in _folder_names("method", methods).items():
+            parse_config(name, raw, prefix="front.methods")
+        return methods
+
+
 # --------------------------------------------------------------------------- all
 class Params(Section):
     tasks: dict[str, TaskConfig]
@@ -402,6 +421,7 @@ class Params(Section):
     bench: BenchConfig
     serve: ServeConfig
     study: StudyConfig
+    front: FrontConfig
 
     def recover_methods(self) -> list[str]:
         """Compression methods in the CPET comparison: every configured one."""
