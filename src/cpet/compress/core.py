@@ -4,7 +4,8 @@ Two forms of one compressed model:
 
 * **training form** (``CompressedModel.model``): an ordinary float HF model that peft can wrap.
   Quantized layers hold exactly the dequantized weights the deployment kernels compute with
-  (weight-only: activations stay float); pruned layers hold zeros at masked positions. All
+  (weight-only: activations stay float, except that a ``w8a8`` layer's forward pre-hook rounds its
+  input to int8 per token, :mod:`cpet.compress.w8a8`); pruned layers hold zeros at masked positions. All
   base parameters are frozen (LoRA trains only its own tensors); :meth:`CompressedModel.verify`
   checks that masks and quantization grids are still intact, e.g. after a training step.
 * **deployment form** (:meth:`CompressedModel.deploy_model`, or ``load_compressed(form="deploy")``):

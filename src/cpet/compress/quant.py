@@ -1,8 +1,9 @@
 """Weight-only quantization methods: ``int8``, ``int4`` / ``int3`` (RTN or GPTQ) and ``nf4``.
 
 Only weights are quantized; activations stay float, because that is what a weight-only
-kernel computes and what LoRA/recovery training must see (dynamic activation quantization
-breaks the default model, see docs/stack.md). Each quantized weight becomes a
+kernel computes and what LoRA/recovery training must see (ORT's dynamic per-tensor activation
+quantization breaks the default model; ``w8a8`` in :mod:`cpet.compress.w8a8` does int8 activations
+with SmoothQuant, per-token scales and training for them). Each quantized weight becomes a
 :class:`~cpet.compress.core.QuantRecord`, and the training-form layer holds exactly
 ``record.dequantize()``. Embeddings and the output head are optional and always RTN.
 """
