@@ -162,3 +162,15 @@ def test_adapters_train_through_int8_activations(peaky, calib, inputs):
     assert grads and all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
     base = model.get_base_model().model.layers[0].self_attn.q_proj
     assert act_quantized(base.base_layer) and not act_quantized(base)  # the hook is on the base layer only
+
+
+def test_smoothing_leaves_producers_read_by_an_excluded_layer(peaky, calib, inputs, run):
+    """q_proj excluded (stays float): its norm is not scaled (q_proj would see a changed input);
+    k/v share that norm, so that group is skipped whole; the function is unchanged either way."""
+    model = copy.deepcopy(peaky)
+    targets = {n: m for n, m in linear_layers(model).items() if not n.endswith("layers.0.self_attn.q_proj")}
+    info = smooth(model, calib, targets, alpha=0.5)
+    assert info["not_smoothable"] == ["model.layers.0.input_layernorm"] and info["smoothed_groups"] == 5
+    torch.testing.assert_close(run(model, inputs), run(peaky, inputs), atol=1e-4, rtol=1e-4)
+    cm = compress(peaky, {"method": "w8a8", "exclude": ["*.layers.0.self_attn.q_proj"]}, calib)
+    assert "model.layers.0.self_attn.q_proj" not in cm.records and len(cm.records) == 13

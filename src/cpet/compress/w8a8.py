@@ -104,10 +104,13 @@ def install(model: nn.Module, records: dict) -> int:
 # --- SmoothQuant ----------------------------------------------------------------------------------
 
 
-def _producers(model: nn.Module, linears: dict[str, nn.Module]) -> list[tuple[str, str, list[str]]]:
+def _producers(model: nn.Module, linears: dict[str, nn.Module]) -> tuple[list[tuple[str, str, list[str]]], list[str]]:
     """``(kind, producer, readers)`` groups: linears whose input is the output of a module with a
     per-channel ``weight`` vector (a norm: kind ``norm``), or a gated FFN's down projection (kind
-    ``up``: the producer is the up projection, whose output rows scale the product ``act(gate) * up``)."""
+    ``up``: the producer is the up projection, whose output rows scale the product ``act(gate) * up``);
+    and the producers left alone because a projection outside ``linears`` reads them too (an
+    excluded layer, the LM head): scaling them would change that layer's input."""
+    every = {n: m for n, m in model.named_modules() if projection(m) is not None}
     width = {n: projection(m).in_features for n, m in linears.items()}
     norms = {n: m for n, m in model.named_modules()
              if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 1
@@ -125,7 +128,7 @@ def _producers(model: nn.Module, linears: dict[str, nn.Module]) -> list[tuple[st
         return hook
 
     hooks = [m.register_forward_hook(output_of(n)) for n, m in norms.items()]
-    hooks += [m.register_forward_pre_hook(input_of(n)) for n, m in linears.items()]
+    hooks += [m.register_forward_pre_hook(input_of(n)) for n, m in every.items()]
     try:
         with torch.no_grad():
             model(input_ids=torch.tensor([[1, 2, 3, 4]], device=next(model.parameters()).device), use_cache=False)
@@ -136,11 +139,12 @@ def _producers(model: nn.Module, linears: dict[str, nn.Module]) -> list[tuple[st
     for name, x in ins.items():
         if id(x) in outs:
             groups.setdefault(("norm", outs[id(x)][0]), []).append(name)
+    shared = sorted(prod for (_, prod), readers in groups.items() if any(r not in linears for r in readers))
     for ffn in find_ffns(model):
         down = f"{ffn.name}.{ffn.down}" if ffn.name else ffn.down
         if ffn.gate and down in linears:
             groups[("up", f"{ffn.name}.{ffn.up}" if ffn.name else ffn.up)] = [down]
-    return [(kind, prod, readers) for (kind, prod), readers in groups.items()]
+    return [(kind, prod, readers) for (kind, prod), readers in groups.items() if prod not in shared], shared
 
 
 @torch.no_grad()
@@ -162,7 +166,10 @@ def _scale_norm(norm: nn.Module, s: torch.Tensor) -> bool:
 @torch.no_grad()
 def smooth(model: nn.Module, calib: Calibration, linears: dict[str, nn.Module], alpha: float) -> dict:
     """SmoothQuant ``model`` in place for the ``linears`` (module docstring); returns what it did."""
-    groups = _producers(model, linears)
+    groups, shared = _producers(model, linears)
+    probe = torch.arange(1, 9, device=next(model.parameters()).device).unsqueeze(0)
+    before = model(input_ids=probe, use_cache=False).logits
+    touched: list[tuple[torch.Tensor, torch.Tensor]] = []
     first = {readers[0]: linears[readers[0]] for _, _, readers in groups}
     amax: dict[str, torch.Tensor] = {}
 
@@ -171,15 +178,19 @@ def smooth(model: nn.Module, calib: Calibration, linears: dict[str, nn.Module], 
         amax[name] = torch.maximum(amax[name], a) if name in amax else a
 
     calibration.run(model, calib, first, record)
-    done, skipped, ratio = [], [], []
+    done, skipped, ratio = [], list(shared), []
     for kind, producer, readers in groups:
         a = amax[readers[0]].clamp(min=1e-5)
         w = torch.stack([matrix(linears[r]).detach().abs().amax(0) for r in readers]).amax(0).clamp(min=1e-5)
         s = (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=1e-5)
+        prod = model.get_submodule(producer)
+        owned = [prod.weight, getattr(prod, "bias", None)] if kind == "norm" else [matrix(prod), projection(prod).bias]
+        saved = [(t, t.detach().clone()) for t in owned + [matrix(linears[r]) for r in readers]
+                 if isinstance(t, torch.Tensor)]
         if kind == "norm":
-            ok = _scale_norm(model.get_submodule(producer), s)
+            ok = _scale_norm(prod, s)
         else:
-            up = projection(model.get_submodule(producer))
+            up = projection(prod)
             up.weight.div_(s.to(up.weight).unsqueeze(1))
             if up.bias is not None:
                 up.bias.div_(s.to(up.bias))
@@ -189,8 +200,14 @@ def smooth(model: nn.Module, calib: Calibration, linears: dict[str, nn.Module], 
             continue
         for r in readers:
             matrix(linears[r]).mul_(s.to(matrix(linears[r])))
+        touched += saved
         done.append(producer)
         ratio.append(float(a.max() / a.median()))
+    after = model(input_ids=probe, use_cache=False).logits
+    if not torch.allclose(after, before, rtol=1e-3, atol=1e-3 * float(before.abs().max()) + 1e-5):
+        for t, v in touched:  # something else reads a scaled tensor (e.g. a residual taken after the norm)
+            t.copy_(v)
+        skipped, done, ratio = skipped + done, [], []
     return {"smoothed_groups": len(done), "not_smoothable": skipped,
             "max_outlier_ratio_before": max(ratio) if ratio else None}
 
