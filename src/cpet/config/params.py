@@ -65,7 +65,11 @@ class TaskConfig(Section):
                                     "user's data: 'jsonl:', 'csv:', 'tsv:', 'parquet:<path>', "
                                     "'hf:<saved dataset dir>' or 'hf:<hub id>[:config]'.")
     template: str = Field(description="Prompt with a '{text}' slot; the label word follows it.")
-    verbalizer: dict[str, str] = Field(description="Label -> label word (its first token scores).")
+    verbalizer: dict[str, str] = Field(description="Label -> label word (one or several tokens).")
+    scoring: Literal["auto", "first-token", "sum", "mean"] = Field(
+        description="How a label word is scored after the prompt: first-token (its first token's "
+                    "logit), sum (the word's log-probability), mean (per token); auto = first-token "
+                    "when every word is one token, else cpet.lmcls.MULTI_TOKEN_DEFAULT.")
     text_column: str | None = Field(None, description="User data: the text column (default 'text').")
     label_column: str | None = Field(None, description="User data: the label column (default 'label').")
     text_template: str | None = Field(

@@ -64,7 +64,7 @@ def task_views(params: Params, root: Path, tokenizer) -> list[TaskView]:
                 f"tasks.{name}.verbalizer: labels {sorted(cfg.verbalizer)} != data labels {labels}"
             )
         words = {label: cfg.verbalizer[label] for label in labels}
-        verbalizer = Verbalizer.build(tokenizer, words, where=f"tasks.{name}.verbalizer")
+        verbalizer = Verbalizer.build(tokenizer, words, where=f"tasks.{name}.verbalizer", scoring=cfg.scoring)
         views.append(TaskView(name, cfg.template, verbalizer, Path(root)))
     return views
 
@@ -88,9 +88,11 @@ def calibration_batches(views: list[TaskView], tokenizer, *, samples: int, max_l
 
 
 def task_identity(view: TaskView) -> dict:
-    """What of a task decides a trained adapter besides its data: prompt and label tokens."""
+    """What of a task decides a trained adapter besides its data: the prompt, the labels, their
+    words' whole token sequences and the scoring (a changed word or scoring retrains, even when
+    its first token stays)."""
     return {"task": view.name, "template": view.template, "labels": list(view.verbalizer.labels),
-            "label_token_ids": list(view.verbalizer.token_ids)}
+            **view.verbalizer.identity()}
 
 
 def data_hashes(root: Path, task: str) -> dict:

@@ -178,7 +178,8 @@ def _log(client, name: str, artifacts: dict[str, Path], about: dict, tmp: Path, 
 
 def _task_spec(params, task: str) -> dict:
     cfg = params.tasks[task]
-    return {"template": cfg.template, "verbalizer": dict(cfg.verbalizer), "max_length": params.evaluate.max_length}
+    return {"template": cfg.template, "verbalizer": dict(cfg.verbalizer), "scoring": cfg.scoring,
+            "max_length": params.evaluate.max_length}
 
 
 def register_all(params, root: str | os.PathLike = ".") -> dict:
