@@ -91,3 +91,15 @@ def test_every_library_setting_missing_is_refused_naming_it(raw_params, key):
     del raw_params[a][b][c]
     with pytest.raises(ConfigError, match=rf"{key}: missing"):
         parse_params(raw_params)
+
+
+def test_null_verbalizer_uses_the_sources_label_names(raw_params):
+    """A package source names its labels (BIG-bench: the answers): verbalizer null = ' ' + name;
+    your own data must declare its labels, so null is refused there, naming the key."""
+    raw_params["tasks"]["topic"].update(source="bigbench:fact_checker/fever", verbalizer=None)
+    params = parse_params(raw_params)
+    assert params.tasks["topic"].label_words(["False", "True"]) == {"False": " False", "True": " True"}
+    assert params.tasks["sentiment"].label_words(["positive"]) == {"positive": " positive"}
+    raw_params["tasks"]["topic"].update(source="csv:data/raw/x.csv")
+    with pytest.raises(ConfigError, match=r"^params.yaml: tasks.topic: verbalizer: null only for package sources"):
+        parse_params(raw_params)

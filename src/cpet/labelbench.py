@@ -10,6 +10,8 @@ the same labels with multi-token words: words of equal length (a shared suffix s
 It reads the base model folder and the processed validation splits, runs one thread (the machine
 is shared) and prints a markdown table; ``docs/labels.md`` holds the measured table. sum and mean
 come from the same forward pass over the expanded batch; first-token from the prompt pass.
+``--task <t> --words '{"label": " word", ...}'`` measures your own task's words instead (its
+template from ``<root>/params.yaml``, its rows from ``data/processed/<t>/validation.jsonl``).
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ def score_all(model, seqs: list[list[int]], verbalizer: Verbalizer, pad: int, ba
     return out
 
 
-def run(root: Path, model_dir: Path, rows: int, max_length: int, batch_size: int) -> list[dict]:
+def run(root: Path, model_dir: Path, rows: int, max_length: int, batch_size: int,
+        verbalizers: dict[str, dict[str, dict[str, str]]]) -> list[dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -74,7 +77,7 @@ def run(root: Path, model_dir: Path, rows: int, max_length: int, batch_size: int
     # the prompt templates as configured (read raw: only tasks.<t>.template is needed)
     templates = {t: c["template"] for t, c in yaml.safe_load((root / "params.yaml").read_text())["tasks"].items()}
     results = []
-    for task, sets in VERBALIZERS.items():
+    for task, sets in verbalizers.items():
         data = [json.loads(line) for line in (root / "data/processed" / task / "validation.jsonl").open()][:rows]
         seqs = tokenize_prompts(tokenizer, [r["text"] for r in data], templates[task], max_length)
         for name, words in sets.items():
@@ -86,6 +89,8 @@ def run(root: Path, model_dir: Path, rows: int, max_length: int, batch_size: int
                    "seconds": round(time.perf_counter() - t0, 1)}
             for scoring, s in scores.items():
                 row[scoring] = accuracy_f1(gold, s.argmax(1).tolist(), len(v.labels))["accuracy"]
+            if len(set(v.token_ids)) < len(v.token_ids):  # shared first tokens tie: not a usable scoring
+                row[FIRST_TOKEN] = None
             results.append(row)
             print(json.dumps(row), flush=True)
     return results
@@ -94,8 +99,8 @@ def run(root: Path, model_dir: Path, rows: int, max_length: int, batch_size: int
 def markdown(results: list[dict]) -> str:
     lines = ["| task | label words | tokens per word | first-token | sum | mean |", "|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['task']} | {r['words']} | {r['lengths']} | {r[FIRST_TOKEN]:.3f} | {r[SUM]:.3f} | "
-                     f"{r[MEAN]:.3f} |")
+        first = "n/a (shared first token)" if r[FIRST_TOKEN] is None else f"{r[FIRST_TOKEN]:.3f}"
+        lines.append(f"| {r['task']} | {r['words']} | {r['lengths']} | {first} | {r[SUM]:.3f} | {r[MEAN]:.3f} |")
     return "\n".join(lines)
 
 
@@ -107,9 +112,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-length", type=int, default=112, help="prompt tokens (= evaluate.max_length)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--task", help="measure this task's words (--words) instead of the built-in table")
+    ap.add_argument("--words", type=json.loads, help='JSON {label: word}, e.g. \'{"yes": " it follows", ...}\'')
     args = ap.parse_args(argv)
+    if (args.task is None) != (args.words is None):
+        ap.error("--task and --words go together")
+    table = {args.task: {"given": args.words}} if args.task else VERBALIZERS
     torch.set_num_threads(args.threads)
-    results = run(args.root, args.model or args.root / "models/base", args.rows, args.max_length, args.batch_size)
+    results = run(args.root, args.model or args.root / "models/base", args.rows, args.max_length, args.batch_size,
+                  table)
     print(markdown(results))
 
 

@@ -54,16 +54,16 @@ class TaskView:
 
 def task_views(params: Params, root: Path, tokenizer) -> list[TaskView]:
     """Every configured task, after checking its data passed validation and its verbalizer
-    covers exactly the task's labels."""
+    covers exactly the task's labels (a null verbalizer: each label's name is its word)."""
     views = []
     for name, cfg in params.tasks.items():
         require_valid(root, name)
         labels = data.load_manifest(root, name)["labels"]
-        if sorted(cfg.verbalizer) != sorted(labels):
+        if cfg.verbalizer is not None and sorted(cfg.verbalizer) != sorted(labels):
             raise ConfigError(
                 f"tasks.{name}.verbalizer: labels {sorted(cfg.verbalizer)} != data labels {labels}"
             )
-        words = {label: cfg.verbalizer[label] for label in labels}
+        words = cfg.label_words(labels)
         verbalizer = Verbalizer.build(tokenizer, words, where=f"tasks.{name}.verbalizer", scoring=cfg.scoring)
         views.append(TaskView(name, cfg.template, verbalizer, Path(root)))
     return views
