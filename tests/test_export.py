@@ -262,6 +262,14 @@ def test_export_stage_checks_parity_and_writes_models(recovered):
     assert "accuracy_naive_requantized" in json.loads((root / "reports/export/int8.json").read_text())["tiny"]
     assert "accuracy_naive_requantized" not in json.loads((root / "reports/export/struct.json").read_text())["tiny"]
 
+    # the same bundles with words scored whole (both start with "a"): a full-head graph, same parity
+    raw = params.model_dump(by_alias=True)
+    raw["tasks"]["tiny"].update(verbalizer={"neg": "a no", "pos": "a yes"}, scoring="auto")
+    row = STAGES["export"](parse_params(raw), root, method="int8")["int8"]["tiny"]
+    assert row["graph"]["logits"] == "all" and row["top1_agreement"] == 1.0 and row["max_abs_logit_diff"] < 1e-3
+    meta = json.loads((root / "models/onnx/int8/tiny/cpet_export.json").read_text())
+    assert meta["scoring"] == "sum" and len(meta["label_sequences"][0]) == 2
+
 
 def test_every_session_gets_the_same_options(tmp_path):
     """One SessionOptions recipe for every graph: what a session runs with is read back from ORT."""
