@@ -361,7 +361,7 @@ class ExportConfig(Section):
 
 
 class BenchConfig(Section):
-    task: str | None = Field(None, description="whose bundles are timed (null = the first task)")
+    task: str | None = Field(None, description="whose bundles are timed (null = the first task scored by first token)")
     batch_sizes: list[int] = Field(min_length=1)
     seq_len: int = Field(gt=0)
     warmup: int = Field(ge=0)

@@ -104,7 +104,7 @@ def data_hashes(root: Path, task: str) -> dict:
 def checkpoint_dir(params: Params, root: Path, stage: str, *parts: str, inputs: dict) -> tuple[Path, str]:
     """Resumable-checkpoint folder (outside the DVC outputs, which DVC deletes before a run) and
     its key: a hash of ``inputs`` (everything that decides the trained weights: content hashes of
-    the models and data read, the task's prompt and label tokens, the recipe) plus the package's
+    the models and data read, the task's prompt, label words' tokens and scoring, the recipe) plus the package's
     code. A changed input gets a fresh folder, so a rerun never resumes a stale run; the other
     keys' folders for the same item are stale and removed."""
     key = hashlib.sha256(json.dumps({**inputs, "code": io.code_hash()}, sort_keys=True,
