@@ -366,4 +366,3 @@ def test_w8a8_bundle_exports_to_integer_kernels_that_agree_with_training(tmp_pat
     assert torch.equal(ort_logits.argmax(-1), ref.argmax(-1))
     torch.testing.assert_close(ort_logits, ref, atol=1e-3, rtol=0)
     torch.testing.assert_close(logits(deploy_model(bundle, cm.records, "torch")), logits(bundle), atol=1e-4, rtol=0)
-
