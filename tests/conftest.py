@@ -81,7 +81,7 @@ def tiny_project(tmp_path: Path, raw_params: dict):
         io.write_jsonl(d / f"{split}.jsonl", rows)
     io.write_json(d / "manifest.json", {"task": "tiny", "labels": ["neg", "pos"]})
     raw_params["tasks"] = {"tiny": {"source": "sentiment", "template": "Review : {text} Sentiment :",
-                                    "verbalizer": {"neg": "no", "pos": "yes"}}}
+                                    "verbalizer": {"neg": "no", "pos": "yes"}, "scoring": "auto"}}
     raw_params["fetch"]["cache_dir"] = str(tmp_path / ".cache")
     raw_params["compress"]["calibration"].update(samples=16, max_length=32, batch_size=8)
     raw_params["compress"]["measure"].update(max_length=32, batch_size=16, latency_repeats=2,

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from cpet.config import parse_params
 from cpet.stages import STAGES
 
@@ -51,3 +53,21 @@ def test_bench_rows_are_well_formed(tiny_project):
     serving = json.loads((root / "reports/serve_memory.json").read_text())["int8"]
     assert serving["tasks"] == ["tiny"] and serving["shared"]["model_mb"] > 0 and serving["merged"]["model_mb"] > 0
     assert "Serving many tasks on one compressed base" in md
+
+
+def test_bench_times_a_first_token_task_only(tiny_project):
+    """Every bench row times one pass at the label position on lean graphs; a task scored whole
+    (its export has the full head) is not silently timed against them."""
+    from cpet.config import parse_params
+    from cpet.errors import ConfigError
+    from cpet.stages.bench import bench_task
+
+    root, params = tiny_project
+    assert bench_task(params, root) == "tiny"
+    raw = params.model_dump(by_alias=True)
+    raw["tasks"]["tiny"].update(verbalizer={"neg": "a no", "pos": "a yes"}, scoring="auto")
+    with pytest.raises(ConfigError, match="^bench.task: no task is scored by first token"):
+        bench_task(parse_params(raw), root)
+    raw["bench"]["task"] = "tiny"
+    with pytest.raises(ConfigError, match="^bench.task: 'tiny' scores its words whole"):
+        bench_task(parse_params(raw), root)

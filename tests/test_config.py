@@ -28,6 +28,9 @@ def test_project_params_parse():
         (lambda p: p["tasks"]["topic"].update(template="{txt}"), "tasks.topic.template: template must have exactly one '{text}' slot"),
         (lambda p: p["tasks"]["sentiment"].update(verbalizer={"a": " x", "b": " x"}), "tasks.sentiment.verbalizer: label words must be distinct"),
         (lambda p: p["tasks"]["sentiment"].pop("verbalizer"), "tasks.sentiment.verbalizer: missing"),
+        (lambda p: p["tasks"]["sentiment"].pop("scoring"), "tasks.sentiment.scoring: missing"),
+        (lambda p: p["tasks"]["topic"].update(scoring="max"),
+         "tasks.topic.scoring: Input should be 'auto', 'first-token', 'sum' or 'mean'"),
         (lambda p: p["compress"]["methods"].update(bad={"method": "zip"}), "compress.methods.bad.method: unknown method 'zip'"),
         (lambda p: p["compress"]["methods"].update(q={"method": "int4", "group_siz": 3}), "compress.methods.q.group_siz"),
         (lambda p: p["compress"]["calibration"].update(samples=0), "compress.calibration.samples: Input should be greater than 0"),
@@ -87,4 +90,16 @@ def test_every_library_setting_missing_is_refused_naming_it(raw_params, key):
     a, b, c = key.split(".")
     del raw_params[a][b][c]
     with pytest.raises(ConfigError, match=rf"{key}: missing"):
+        parse_params(raw_params)
+
+
+def test_null_verbalizer_uses_the_sources_label_names(raw_params):
+    """A package source names its labels (BIG-bench: the answers): verbalizer null = ' ' + name;
+    your own data must declare its labels, so null is refused there, naming the key."""
+    raw_params["tasks"]["topic"].update(source="bigbench:fact_checker/fever", verbalizer=None)
+    params = parse_params(raw_params)
+    assert params.tasks["topic"].label_words(["False", "True"]) == {"False": " False", "True": " True"}
+    assert params.tasks["sentiment"].label_words(["positive"]) == {"positive": " positive"}
+    raw_params["tasks"]["topic"].update(source="csv:data/raw/x.csv")
+    with pytest.raises(ConfigError, match=r"^params.yaml: tasks.topic: verbalizer: null only for package sources"):
         parse_params(raw_params)

@@ -54,7 +54,7 @@ def test_served_deployment_runs_on_a_loopback_server(tiny_task, raw_params, tmp_
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    raw_params["tasks"] = {"tiny": {"source": "topic", "template": "{text} =", "verbalizer": {"neg": " no", "pos": " yes"}}}
+    raw_params["tasks"] = {"tiny": {"source": "topic", "template": "{text} =", "verbalizer": {"neg": " no", "pos": " yes"}, "scoring": "auto"}}
     root = tiny_task()
     (root / "params.yaml").write_text(yaml.safe_dump(raw_params))
     port = _free_port()

@@ -15,7 +15,7 @@ def test_cli_validate_names_task_split_and_line_of_non_utf8_bytes(raw_params, ti
     from cpet.cli import main
 
     raw_params["tasks"] = {"tiny": {"source": "topic", "template": "{text} =",
-                                    "verbalizer": {"neg": " no", "pos": " yes"}}}
+                                    "verbalizer": {"neg": " no", "pos": " yes"}, "scoring": "auto"}}
     root = tiny_task()
     split = root / "data/processed/tiny/validation.jsonl"
     lines = split.read_bytes().splitlines(keepends=True)

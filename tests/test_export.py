@@ -130,6 +130,45 @@ def test_lean_graph_is_the_full_graph_at_the_label_position(method, tmp_path):
             torch.testing.assert_close(full.last_logits(batch), last_token_logits(whole, mask))
 
 
+def test_multi_token_labels_score_alike_in_onnx_and_pytorch(tmp_path):
+    """A task whose words are scored whole gets the full-head graph; ONNX label scores (sum and
+    mean) equal PyTorch's ``lmcls.label_scores`` within 1e-4, so do the parity helpers' scores and
+    logits; a lean graph refuses multi-token scoring instead of answering wrong, and still scores
+    first-token tasks like PyTorch."""
+    from cpet.export import scored_logits, torch_position_logits
+    from cpet.export.onnx import OnnxLM, export_onnx, session
+    from cpet.lmcls import Verbalizer, label_scores
+    from cpet.stages.export import quantized_linears
+
+    cm = compress(tiny_llama(), METHODS["int4"], name="int4")
+    bundle = bundle_on(copy.deepcopy(cm.model))
+    deployed = deploy_model(bundle, cm.records, "onnx")
+    n = quantized_linears(cm.records)
+    export_onnx(deployed, tmp_path / "full", expect_nbits=n, lean=False)
+    export_onnx(deployed, tmp_path / "lean", expect_nbits=n)
+    full, lean = OnnxLM(session(tmp_path / "full")), OnnxLM(session(tmp_path / "lean"))
+    batch = {"input_ids": IDS, "attention_mask": MASK}
+    words = ((3, 5), (3, 9, 11), (7,))  # 2, 3 and 1 tokens; two share their first token
+    for scoring in ("sum", "mean"):
+        v = Verbalizer(("a", "b", "c"), (3, 3, 7), words, scoring)
+        with torch.no_grad():
+            ref = label_scores(bundle, batch, v).scores
+            torch_scores, torch_logits = scored_logits(torch_position_logits(bundle), batch, v)
+        ort_scores, ort_logits = scored_logits(full.position_logits, batch, v)
+        torch.testing.assert_close(full.label_scores(batch, v), ref, atol=1e-4, rtol=0)
+        torch.testing.assert_close(ort_scores, ref, atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch_scores, ref, atol=1e-5, rtol=0)
+        assert ort_logits.shape == torch_logits.shape == (2 * (2 + 3 + 1), 40)  # every scored position
+        torch.testing.assert_close(ort_logits, torch_logits, atol=1e-4, rtol=0)
+        with pytest.raises(CpetError, match="lean head.*lean=False"):
+            lean.label_scores(batch, v)
+    first = Verbalizer(("a", "b"), (3, 7), ((3, 5), (7,)), "first-token")
+    with torch.no_grad():
+        ref = label_scores(bundle, batch, first).scores
+    torch.testing.assert_close(lean.label_scores(batch, first), ref, atol=1e-4, rtol=0)
+    torch.testing.assert_close(full.label_scores(batch, first), ref, atol=1e-4, rtol=0)
+
+
 def test_cpu_fallback_is_never_reported_as_gpu(tmp_path):
     """Asking for CUDA where ORT has none (this CPU host; also checked on a GPU host whose ORT build
     is CPU-only) gets CPU from ORT: cpet refuses instead of labelling it GPU."""
@@ -261,6 +300,14 @@ def test_export_stage_checks_parity_and_writes_models(recovered):
         assert (folder / "model.onnx").is_file() and (folder / "tokenizer.json").is_file()
     assert "accuracy_naive_requantized" in json.loads((root / "reports/export/int8.json").read_text())["tiny"]
     assert "accuracy_naive_requantized" not in json.loads((root / "reports/export/struct.json").read_text())["tiny"]
+
+    # the same bundles with words scored whole (both start with "a"): a full-head graph, same parity
+    raw = params.model_dump(by_alias=True)
+    raw["tasks"]["tiny"].update(verbalizer={"neg": "a no", "pos": "a yes"}, scoring="auto")
+    row = STAGES["export"](parse_params(raw), root, method="int8")["int8"]["tiny"]
+    assert row["graph"]["logits"] == "all" and row["top1_agreement"] == 1.0 and row["max_abs_logit_diff"] < 1e-3
+    meta = json.loads((root / "models/onnx/int8/tiny/cpet_export.json").read_text())
+    assert meta["scoring"] == "sum" and len(meta["label_sequences"][0]) == 2
 
 
 def test_every_session_gets_the_same_options(tmp_path):

@@ -47,7 +47,7 @@ def test_flow_validates_and_stops_on_bad_data(harness, tiny_task, raw_params, tm
     from mlflow import MlflowClient
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    raw_params["tasks"] = {"tiny": {"source": "topic", "template": "{text} =", "verbalizer": {"neg": " no", "pos": " yes"}}}
+    raw_params["tasks"] = {"tiny": {"source": "topic", "template": "{text} =", "verbalizer": {"neg": " no", "pos": " yes"}, "scoring": "auto"}}
     raw_params["track"]["enabled"] = True  # to sqlite:///mlflow.db in the root
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params))
     root = tiny_task()

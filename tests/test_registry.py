@@ -148,3 +148,45 @@ def test_bad_register_and_track_sections_name_the_key(raw_params, mutate, messag
     with pytest.raises(ConfigError) as err:
         parse_params(raw_params)
     assert str(err.value).startswith(message)
+
+
+def test_pyfunc_scores_multi_token_words_whole(tmp_path):
+    """The registered models' pyfunc on a compressed base folder: a task whose words share their
+    first token is scored by whole-word log-probabilities (tasks.json ``scoring``), the same numbers
+    ``lmcls.predict`` gives; a tasks.json without ``scoring`` (registered before it existed) keeps
+    first-token scoring and refuses such words."""
+    from mlflow.pyfunc import PythonModelContext
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cpet import io
+    from cpet.compress import compress, save_compressed
+    from cpet.errors import ConfigError
+    from cpet.lmcls import Verbalizer, predict
+    from cpet.tracking.pyfunc import CpetClassifier
+    from tinyproject import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.save_pretrained(tmp_path / "tokenizer")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=True)
+    save_compressed(compress(LlamaForCausalLM(cfg).eval(), {"method": "int8"}, name="int8"), tmp_path / "base")
+    words = {"neg": "a yes", "pos": "a no"}
+    spec = {"template": "Review : {text} Sentiment :", "verbalizer": words, "scoring": "sum", "max_length": 32}
+    io.write_json(tmp_path / "tasks.json", {"t": spec})
+    arts = {"tokenizer": str(tmp_path / "tokenizer"), "tasks": str(tmp_path / "tasks.json"),
+            "base": str(tmp_path / "base")}
+    clf = CpetClassifier()
+    clf.load_context(PythonModelContext(arts, None))
+    texts = ["good great movie", "bad awful plot", "the film was nice"]
+    out = clf.predict(None, texts)
+    verbalizer = Verbalizer.build(tok, words, scoring="sum")
+    idx, scores = predict(clf.model, tok, texts, spec["template"], verbalizer, max_length=32)
+    assert list(out["label"]) == [["neg", "pos"][i] for i in idx]
+    for row, p in zip(out["scores"], scores.softmax(1)):
+        assert row == pytest.approx({"neg": float(p[0]), "pos": float(p[1])}, abs=1e-6)
+    assert len({round(r["neg"], 6) for r in out["scores"]}) == 3  # not a constant tie on the shared token
+    io.write_json(tmp_path / "tasks.json", {"t": {k: v for k, v in spec.items() if k != "scoring"}})
+    with pytest.raises(ConfigError, match="tasks.t: label words must start with distinct tokens"):
+        CpetClassifier().load_context(PythonModelContext(arts, None))

@@ -27,16 +27,17 @@ def free_port() -> int:
 
 @pytest.fixture
 def server(tiny_project):
-    """`cpet serve` in a subprocess on a free loopback port, over two tasks on one int8 base."""
+    """`cpet serve` in a subprocess on a free loopback port, over two tasks on one int8 base; the
+    second task's words are two tokens with the same first token (scored whole: sum)."""
     root, params = tiny_project
     src = data.task_dir(root, "tiny")
-    dst = data.task_dir(root, "swapped")  # same texts, the label words swapped: a second real task
+    dst = data.task_dir(root, "swapped")  # same texts, other (two-token) label words: a second real task
     dst.mkdir(parents=True)
     for f in src.iterdir():
         (dst / f.name).write_bytes(f.read_bytes())
     io.write_json(dst / "manifest.json", {"task": "swapped", "labels": ["neg", "pos"]})
     raw = params.model_dump(by_alias=True)
-    raw["tasks"]["swapped"] = {**raw["tasks"]["tiny"], "verbalizer": {"neg": "yes", "pos": "no"}}
+    raw["tasks"]["swapped"] = {**raw["tasks"]["tiny"], "verbalizer": {"neg": "a yes", "pos": "a no"}, "scoring": "auto"}
     raw["compress"]["methods"] = {"int8": raw["compress"]["methods"]["int8"]}
     raw["recover"]["variants"] = ["compressed+cpet"]
     raw["serve"].update(max_texts=4, max_chars=80)
@@ -92,6 +93,21 @@ def test_round_trip_good_and_bad_requests(server):
     assert got[1] == results[0] and got[3] == results[1]  # same text + task = same answer in any batch
     alone = httpx.post(f"{url}/predict", json={"task": "swapped", "texts": texts}).json()["results"]
     assert [got[0], got[2]] == alone
+    # the multi-token task answers what its bundle predicts in process (whole-word log-probabilities)
+    from transformers import AutoTokenizer
+
+    from cpet.lmcls import Verbalizer, predict
+    from cpet.pet import load_bundle
+    from cpet.stages.common import load_compressed_base
+
+    tok = AutoTokenizer.from_pretrained(root / "models/base")
+    verbalizer = Verbalizer.build(tok, {"neg": "a yes", "pos": "a no"})
+    assert verbalizer.scoring == "sum" and verbalizer.token_ids[0] == verbalizer.token_ids[1]
+    bundle = load_bundle(load_compressed_base(root, "int8")[0], root / "models/recover/int8/swapped/compressed+cpet")
+    idx, scores = predict(bundle, tok, texts, "Review : {text} Sentiment :", verbalizer, max_length=112)
+    assert [r["label"] for r in alone] == [["neg", "pos"][i] for i in idx]
+    for r, p in zip(alone, scores.softmax(1)):
+        assert r["scores"] == pytest.approx({"neg": float(p[0]), "pos": float(p[1])}, abs=1e-3)
 
     bad = {
         "unknown task": ({"task": "nope", "texts": ["good"]}, 404, "unknown task 'nope'"),

@@ -42,7 +42,7 @@ def _write(path, rows, fmt):
 
 
 def _params(raw_params, tmp_path, **task):
-    raw_params["tasks"] = {"mine": {"template": "Review: {text} ->", "verbalizer": VERB, **task}}
+    raw_params["tasks"] = {"mine": {"template": "Review: {text} ->", "verbalizer": VERB, "scoring": "auto", **task}}
     raw_params["fetch"]["cache_dir"] = str(tmp_path / ".cache")
     return parse_params(raw_params)
 

@@ -12,7 +12,7 @@ from tinyproject import make_rows
 
 @pytest.fixture
 def params(raw_params):
-    raw_params["tasks"] = {"tiny": {"source": "topic", "template": "{text} =", "verbalizer": {"neg": " no", "pos": " yes"}}}
+    raw_params["tasks"] = {"tiny": {"source": "topic", "template": "{text} =", "verbalizer": {"neg": " no", "pos": " yes"}, "scoring": "auto"}}
     raw_params["validate"].update(min_chars=10, max_chars=400, min_per_class=5)
     return parse_params(raw_params)
 

@@ -1,12 +1,14 @@
-"""Losses: the task loss on the verbalizer's label tokens, and CPET's distillation from a cached teacher.
+"""Losses: the task loss on the verbalizer's label scores, and CPET's distillation from a cached teacher.
 
-Task loss: cross-entropy over the label-word logits at the last prompt position (the logits of
-the other vocabulary entries are never used, and only the last positions' logits are computed).
+Label scores (``cpet.lmcls.label_scores``): with ``first-token`` scoring the label tokens' logits
+at the last prompt position (only the last positions' logits are computed); with ``sum``/``mean``
+each label word's (length-normalised) log-probability after the prompt. Either way
+``[batch, n_labels]``, and the task loss is the cross-entropy over them.
 Distillation (student = compressed model + inherited LoRA + recovery; teacher = the *uncompressed*
 model + its task adapter, frozen)::
 
     loss = task + alpha * mean_l MSE(h_s[l], h_t[l])      (real tokens only, layers l of output_hidden_states)
-                + beta * T^2 * KL(softmax(z_t / T) || softmax(z_s / T))    (label-word logits)
+                + beta * T^2 * KL(softmax(z_t / T) || softmax(z_s / T))    (label scores z)
 
 The teacher runs once over the training set (``build_teacher_cache``); a step reads its outputs by
 example index, so a CPET step costs about as much as a plain LoRA step.
@@ -16,8 +18,10 @@ Cache file (one safetensors file; tensors per example are ragged, concatenated a
     offsets       int64 [N+1]           tokens of example i are rows offsets[i]:offsets[i+1]
     input_ids     int32 [T]             the prompt tokens (checked against the student's batch)
     hidden.<l>    fp16  [T, hidden]     teacher hidden state l (index into output_hidden_states)
-    label_logits  fp32  [N, n_labels]   teacher label-word logits at the last prompt position
-    metadata: one entry "cpet", JSON of format, layers, label_token_ids, template, max_length
+    label_logits  fp32  [N, n_labels]   teacher label scores (logits or log-probs, per scoring)
+    metadata: one entry "cpet", JSON of format, layers, template, max_length and the verbalizer's
+              identity (scoring, label_token_ids, label_sequences): a cache is refused by a
+              student whose verbalizer differs (a cache without scoring was first-token)
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from torch import nn
 
 from cpet.config.library import DistillConfig
 from cpet.errors import ConfigError, DataError
-from cpet.lmcls import Verbalizer
+from cpet.lmcls import FIRST_TOKEN, Verbalizer, label_scores
 from cpet.train.data import pad_batch, tokenize_prompts
 
 CACHE_FORMAT = "cpet-teacher-cache/2"  # 2: metadata as one JSON entry (deterministic bytes)
@@ -43,29 +47,23 @@ CACHE_FORMAT = "cpet-teacher-cache/2"  # 2: metadata as one JSON entry (determin
 
 @dataclass
 class LMOutput:
-    label_logits: torch.Tensor  # [batch, n_labels], float32
+    label_logits: torch.Tensor  # [batch, n_labels] label scores, float32 (logits for first-token scoring)
     hidden: dict[int, torch.Tensor]  # layer -> [batch, seq, hidden]; empty unless asked for
 
 
-def lm_forward(model: nn.Module, batch: dict, label_ids: torch.Tensor, layers: Sequence[int] = ()) -> LMOutput:
-    """One forward pass: label-word logits at each row's last real token (+ hidden states if asked).
+def lm_forward(model: nn.Module, batch: dict, verbalizer: Verbalizer, layers: Sequence[int] = ()) -> LMOutput:
+    """One forward pass: the verbalizer's label scores per row (+ the prompts' hidden states if asked).
 
-    Logits are computed only at the distinct last positions (``logits_to_keep``), hidden states
-    only when ``layers`` is non-empty, and no KV cache is built.
+    See ``cpet.lmcls.label_scores``: logits only where labels are scored, hidden states only when
+    ``layers`` is non-empty, no KV cache.
     """
-    mask = batch["attention_mask"]
-    last = mask.sum(dim=1) - 1
-    keep = torch.unique(last)  # sorted
-    out = model(input_ids=batch["input_ids"], attention_mask=mask, logits_to_keep=keep,
-                output_hidden_states=bool(layers), use_cache=False)
-    col = torch.searchsorted(keep, last)
-    logits = out.logits[torch.arange(len(last), device=last.device), col][:, label_ids.to(last.device)].float()
-    hidden = {l: out.hidden_states[l] for l in layers} if layers else {}
-    return LMOutput(logits, hidden)
+    out = label_scores(model, batch, verbalizer, layers)
+    return LMOutput(out.scores, out.hidden)
 
 
 def task_loss(label_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy restricted to the label tokens."""
+    """Cross-entropy over the label scores (for first-token scoring: restricted to the label tokens'
+    logits, which equals it over their log-probabilities)."""
     return F.cross_entropy(label_logits, labels)
 
 
@@ -76,7 +74,7 @@ def hidden_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor)
 
 
 def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``T^2 * KL(teacher || student)`` on tempered label-word distributions, mean over the batch."""
+    """``T^2 * KL(teacher || student)`` on tempered label-score distributions, mean over the batch."""
     t = temperature
     return F.kl_div(F.log_softmax(student_logits / t, -1), F.log_softmax(teacher_logits / t, -1),
                     log_target=True, reduction="batchmean") * t * t
@@ -86,10 +84,10 @@ class TaskLoss:
     """``loss_fn`` for plain PET training: task loss only, no hidden states."""
 
     def __init__(self, verbalizer: Verbalizer) -> None:
-        self.label_ids = torch.tensor(verbalizer.token_ids)
+        self.verbalizer = verbalizer
 
     def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        loss = task_loss(lm_forward(model, batch, self.label_ids).label_logits, batch["labels"])
+        loss = task_loss(lm_forward(model, batch, self.verbalizer).label_logits, batch["labels"])
         return loss, {"task": float(loss.detach())}
 
 
@@ -162,10 +160,10 @@ class TeacherCache:
 
 
 @torch.no_grad()
-def teacher_outputs(teacher: nn.Module, batch: dict, label_ids: torch.Tensor, layers: Sequence[int]) -> TeacherOutput:
+def teacher_outputs(teacher: nn.Module, batch: dict, verbalizer: Verbalizer, layers: Sequence[int]) -> TeacherOutput:
     was = teacher.training
     teacher.eval()
-    out = lm_forward(teacher, batch, label_ids, layers)
+    out = lm_forward(teacher, batch, verbalizer, layers)
     teacher.train(was)
     return TeacherOutput(out.label_logits, {l: h.float() for l, h in out.hidden.items()})
 
@@ -176,18 +174,17 @@ def build_teacher_cache(teacher: nn.Module, tokenizer, texts: Sequence[str], tem
     """Run the frozen teacher once over ``texts`` (row i = texts[i]); batches are length-sorted."""
     seqs = tokenize_prompts(tokenizer, texts, template, max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    label_ids = torch.tensor(verbalizer.token_ids)
     device = next(teacher.parameters()).device
     lengths = torch.tensor([len(s) for s in seqs])
     offsets = torch.zeros(len(seqs) + 1, dtype=torch.long)
     offsets[1:] = lengths.cumsum(0)
     hidden: dict[int, torch.Tensor] = {}
-    logits = torch.zeros(len(seqs), len(label_ids))
+    logits = torch.zeros(len(seqs), len(verbalizer.labels))
     by_length = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     for start in range(0, len(seqs), batch_size):
         rows = by_length[start : start + batch_size]
         batch = {k: v.to(device) for k, v in pad_batch([seqs[i] for i in rows], pad).items()}
-        out = teacher_outputs(teacher, batch, label_ids, layers)
+        out = teacher_outputs(teacher, batch, verbalizer, layers)
         logits[rows] = out.label_logits.cpu()
         for l, h in out.hidden.items():
             if l not in hidden:
@@ -195,9 +192,28 @@ def build_teacher_cache(teacher: nn.Module, tokenizer, texts: Sequence[str], tem
             for j, i in enumerate(rows):
                 hidden[l][offsets[i] : offsets[i + 1]] = h[j, : len(seqs[i])].cpu().half()
     ids = torch.tensor([t for s in seqs for t in s], dtype=torch.int32)
-    meta = {"layers": list(layers), "label_token_ids": list(verbalizer.token_ids), "template": template,
-            "max_length": max_length}
+    meta = {"layers": list(layers), **verbalizer.identity(), "template": template, "max_length": max_length}
     return TeacherCache(offsets, ids, hidden, logits, meta)
+
+
+def check_cache_verbalizer(meta: dict, verbalizer: Verbalizer) -> None:
+    """Refuse a teacher cache whose label scores came from another verbalizer: other scoring, other
+    first tokens or other word tokens (the KL would pull the student toward other labels' scores).
+    A cache written before multi-token labels holds no scoring (it was first-token) nor sequences."""
+    cached = {"scoring": meta.get("scoring", FIRST_TOKEN), "label_token_ids": meta.get("label_token_ids")}
+    if "label_sequences" in meta:
+        cached["label_sequences"] = meta["label_sequences"]
+    mine = {k: v for k, v in verbalizer.identity().items() if k in cached}
+    diff = [k for k in cached if _as_lists(cached[k]) != _as_lists(mine[k])]
+    if diff:
+        raise ConfigError(f"distill: the teacher cache was built with another verbalizer ({', '.join(diff)} "
+                          f"differ: cache {[cached[k] for k in diff]}, task {[mine[k] for k in diff]}); "
+                          "rerun the teacher stage")
+
+
+def _as_lists(value):
+    """JSON round trips turn tuples into lists: compare as lists."""
+    return [_as_lists(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 class DistillLoss:
@@ -207,20 +223,20 @@ class DistillLoss:
                  teacher: nn.Module | None = None) -> None:
         if (cache is None) == (teacher is None):
             raise ConfigError("distill: give exactly one of a teacher cache or a live teacher")
-        if cache is not None and list(cache.meta.get("label_token_ids", [])) != list(verbalizer.token_ids):
-            raise ConfigError("distill: the teacher cache was built with other label tokens")
-        self.label_ids = torch.tensor(verbalizer.token_ids)
+        if cache is not None:
+            check_cache_verbalizer(cache.meta, verbalizer)
+        self.verbalizer = verbalizer
         self.config, self.cache, self.teacher = config, cache, teacher
         self.layers = list(config.layers) if config.alpha > 0 else []
 
     def teacher_for(self, batch: dict) -> TeacherOutput:
         if self.cache is not None:
             return self.cache.lookup(batch, self.layers)
-        return teacher_outputs(self.teacher, batch, self.label_ids, self.layers)
+        return teacher_outputs(self.teacher, batch, self.verbalizer, self.layers)
 
     def __call__(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config
-        student = lm_forward(model, batch, self.label_ids, self.layers)
+        student = lm_forward(model, batch, self.verbalizer, self.layers)
         teacher = self.teacher_for(batch)
         task = task_loss(student.label_logits, batch["labels"])
         loss, logs = task, {"task": float(task.detach())}

@@ -23,7 +23,8 @@ def rows_evaluator(tokenizer, rows: Sequence[dict], template: str, verbalizer: V
 
 def task_metrics(model, tokenizer, rows: Sequence[dict], template: str, verbalizer: Verbalizer,
                  *, max_length: int, batch_size: int) -> dict[str, float]:
-    """Accuracy and macro-F1 of label-word classification on ``rows`` (``text``/``label``)."""
+    """Accuracy and macro-F1 of label-word classification on ``rows`` (``text``/``label``), scored
+    as ``verbalizer.scoring`` says."""
     ev = rows_evaluator(tokenizer, rows, template, verbalizer, max_length=max_length, batch_size=batch_size)
     return accuracy_f1(ev.labels, ev.scores(model).argmax(1).tolist(), len(verbalizer.labels))
 

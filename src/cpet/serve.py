@@ -13,6 +13,7 @@ API (FastAPI; bound to 127.0.0.1 unless told otherwise)::
     POST /predict {"task": "t", "texts": [...]}     one task
     POST /predict {"items": [{"task", "text"}...]}  a batch that mixes tasks
       -> {"results": [{"task", "label", "scores": {label: probability}}]}  in input order
+         (probabilities: a softmax over the task's label scores, see cpet.lmcls)
 
 Unknown task: 404; empty, oversized or malformed input: 422; a failure inside prediction: 500 with
 the error's first line. The server keeps serving after any of them.

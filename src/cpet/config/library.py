@@ -72,7 +72,7 @@ class DistillConfig(Section):
     """Distillation from the uncompressed teacher (reference alpha: 1.0 LLaMA-13B, 0.055 Llama-2)."""
 
     alpha: float = Field(ge=0, description="weight of the hidden-state MSE")
-    beta: float = Field(ge=0, description="weight of KL(teacher || student) on label-word logits")
+    beta: float = Field(ge=0, description="weight of KL(teacher || student) on the label scores (cpet.lmcls.label_scores)")
     temperature: float = Field(gt=0, description="KL temperature T (loss scaled by T^2)")
     layers: list[int] = Field(min_length=1, description="indices into output_hidden_states; -1 = last")
 

@@ -65,7 +65,13 @@ class TaskConfig(Section):
                                     "user's data: 'jsonl:', 'csv:', 'tsv:', 'parquet:<path>', "
                                     "'hf:<saved dataset dir>' or 'hf:<hub id>[:config]'.")
     template: str = Field(description="Prompt with a '{text}' slot; the label word follows it.")
-    verbalizer: dict[str, str] = Field(description="Label -> label word (its first token scores).")
+    verbalizer: dict[str, str] | None = Field(
+        description="Label -> label word (one or several tokens); null = ' ' + each label name as the "
+                    "source gives it (package sources only: your own data declares its labels here).")
+    scoring: Literal["auto", "first-token", "sum", "mean"] = Field(
+        description="How a label word is scored after the prompt: first-token (its first token's "
+                    "logit), sum (the word's log-probability), mean (per token); auto = first-token "
+                    "when every word is one token, else cpet.lmcls.MULTI_TOKEN_DEFAULT.")
     text_column: str | None = Field(None, description="User data: the text column (default 'text').")
     label_column: str | None = Field(None, description="User data: the label column (default 'label').")
     text_template: str | None = Field(
@@ -112,9 +118,25 @@ class TaskConfig(Section):
             raise ValueError("template must contain '{text}'")
         return template
 
+    def label_words(self, labels: list[str]) -> dict[str, str]:
+        """Label -> word for the task's ``labels`` (the data's): the verbalizer's, or without one
+        ``" " + label`` (a BIG-bench task's label names are its answer words, e.g. ' True')."""
+        if self.verbalizer is None:
+            return {label: " " + label for label in labels}
+        return {label: self.verbalizer[label] for label in labels}
+
+    @model_validator(mode="after")
+    def _own_data_declares_labels(self) -> TaskConfig:
+        if self.verbalizer is None and self.source.partition(":")[0] in USER_SOURCES:
+            raise ValueError("verbalizer: null only for package sources (their data names the labels); "
+                             "your own data declares its labels as the verbalizer's keys")
+        return self
+
     @field_validator("verbalizer")
     @classmethod
-    def _words(cls, words: dict[str, str]) -> dict[str, str]:
+    def _words(cls, words: dict[str, str] | None) -> dict[str, str] | None:
+        if words is None:
+            return None
         if len(words) < 2:
             raise ValueError("needs at least two labels")
         if len(set(words.values())) != len(words):
@@ -339,7 +361,7 @@ class ExportConfig(Section):
 
 
 class BenchConfig(Section):
-    task: str | None = Field(None, description="whose bundles are timed (null = the first task)")
+    task: str | None = Field(None, description="whose bundles are timed (null = the first task scored by first token)")
     batch_sizes: list[int] = Field(min_length=1)
     seq_len: int = Field(gt=0)
     warmup: int = Field(ge=0)

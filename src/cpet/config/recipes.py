@@ -3,7 +3,7 @@
 ``inherit``: the compressed model's LoRA starts from the original model's adapter (sliced
 through structured pruning) instead of peft's fresh init. ``recovery``: low-rank recovery modules
 beside every compressed linear layer. ``distill``: the loss adds the hidden-state MSE and the KL
-on label-word logits against the uncompressed teacher (``recover.distill``). ``trained``: the
+on the label scores against the uncompressed teacher (``recover.distill``). ``trained``: the
 ``recover`` stage trains it (``compressed+inherit-only`` is the inherited adapter as is, from
 the ``inherit`` stage). ``original+pet`` (the teacher) is the reference row, not a recipe.
 """

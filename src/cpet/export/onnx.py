@@ -12,6 +12,11 @@ every position is ~21% of SmolLM2-135M's forward FLOPs; at one position it is ~0
 vocabulary is kept (not only the label words): dropping the other columns would save that ~0.4%
 but tie the graph to one task and lose the whole-vocabulary parity check.
 
+**Full head** (``lean=False``): logits at every position, ``[batch, seq, vocab]``. A task whose
+label words are scored as whole words (``sum``/``mean``, see :mod:`cpet.lmcls`) needs the logits at
+every word token's position of the prompt + word rows, so its graph is exported this way;
+:meth:`OnnxLM.position_logits` reads the scored positions from either graph.
+
 Every ONNX Runtime session is built by :func:`session` from :func:`session_options`: the same
 optimization level, threads and spinning for every variant's graph, so benchmark ratios compare
 like with like.
@@ -179,7 +184,9 @@ def session(path: str | os.PathLike, device: str = "cpu", threads: int | None = 
 class OnnxLM:
     """``OnnxLM(session)(input_ids, attention_mask)`` -> the graph's logits (torch, float32):
     ``[batch, 1, vocab]`` from a lean graph (``self.lean``), ``[batch, seq, vocab]`` from a full one.
-    :meth:`last_logits` reads ``[batch, vocab]`` at the label position from either.
+    :meth:`last_logits` reads ``[batch, vocab]`` at the label position from either;
+    :meth:`position_logits` any positions (a full graph; a lean one only at the last position), and
+    :meth:`label_scores` a verbalizer's label scores exactly as ``cpet.lmcls.label_scores`` does.
 
     Position ids are ``0..seq-1`` as the PyTorch model builds them for right-padded batches.
     """
@@ -205,3 +212,28 @@ class OnnxLM:
 
         out = self(batch["input_ids"], batch["attention_mask"])
         return out[:, 0] if self.lean else last_token_logits(out, batch["attention_mask"])
+
+    def position_logits(self, batch: dict, positions: torch.Tensor) -> torch.Tensor:
+        """Logits ``[rows, P, vocab]`` at ``positions`` ``[rows, P]`` of each row of ``batch``.
+
+        A lean graph holds only each row's last real position: asking it for any other is an error
+        (export the task's graph with ``lean=False``), not a silent wrong answer."""
+        if self.lean:
+            last = last_real_position(batch["attention_mask"])[:, None]
+            if not torch.equal(positions, last.expand_as(positions)):
+                raise CpetError("this ONNX graph has the lean head (logits at the last position only); "
+                                "multi-token label scoring needs a graph exported with lean=False")
+            return self.last_logits(batch)[:, None].expand(-1, positions.shape[1], -1)
+        out = self(batch["input_ids"], batch["attention_mask"])
+        return out[torch.arange(out.shape[0])[:, None].expand_as(positions), positions]
+
+    def label_scores(self, batch: dict, verbalizer) -> torch.Tensor:
+        """``[batch, n_labels]`` label scores of ``verbalizer`` (``cpet.lmcls.label_scores``' numbers)."""
+        from cpet.lmcls import expand_labels, scores_from_logits
+
+        if verbalizer.first_token:
+            return self.last_logits(batch)[:, list(verbalizer.token_ids)].float()
+        labels = expand_labels(batch, verbalizer)
+        logits = self.position_logits(labels.model_inputs(), labels.positions)
+        columns = torch.arange(logits.shape[1])[None].expand_as(labels.positions)
+        return scores_from_logits(logits, columns, labels, verbalizer.scoring)

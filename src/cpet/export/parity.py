@@ -1,9 +1,11 @@
 """Parity of an exported model with the PyTorch model it came from, on a task split.
 
 Both see the same tokenized, length-sorted, right-padded batches (``cpet.train`` helpers, as the
-evaluate stage builds them). Measured: the largest absolute difference of the next-token logits at
-each prompt's last position (whole vocabulary), how often both predict the same label, and both
-accuracies. :func:`check` turns tolerances into one clear error.
+evaluate stage builds them) and score labels as the task's verbalizer says (``cpet.lmcls``).
+Measured: the largest absolute difference of the logits at the scored positions (whole
+vocabulary: each prompt's last position for first-token scoring, every word token's position of
+the prompt + word rows for sum/mean), the largest label-score difference, how often both predict
+the same label, and both accuracies. :func:`check` turns tolerances into one clear error.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from collections.abc import Callable, Sequence
 import torch
 
 from cpet.errors import CpetError
-from cpet.lmcls import Verbalizer, accuracy_f1, label_position_logits
+from cpet.lmcls import Verbalizer, accuracy_f1, expand_labels, forward_at, label_position_logits, scores_from_logits
 from cpet.train.data import pad_batch, tokenize_prompts
 
 #: batch -> logits at the last real position of each row, [batch, vocab]
 LastLogits = Callable[[dict], torch.Tensor]
+#: (batch, positions [rows, P]) -> logits at those positions of each row, [rows, P, vocab]
+PositionLogits = Callable[[dict, torch.Tensor], torch.Tensor]
 
 
 def torch_last_logits(model) -> LastLogits:
@@ -25,33 +29,57 @@ def torch_last_logits(model) -> LastLogits:
     return lambda batch: label_position_logits(model, batch).float()
 
 
-def label_scores(fns: Sequence[LastLogits], tokenizer, rows: Sequence[dict], template: str,
+def torch_position_logits(model) -> PositionLogits:
+    """:data:`PositionLogits` of a PyTorch causal LM: its head runs at the asked positions only."""
+    model.eval()
+
+    def logits(batch: dict, positions: torch.Tensor) -> torch.Tensor:
+        keep = torch.unique(positions)
+        out = forward_at(model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, keep, ())
+        rows = torch.arange(positions.shape[0])[:, None].expand_as(positions)
+        return out.logits[rows, torch.searchsorted(keep, positions)].float()
+    return logits
+
+
+def scored_logits(fn: PositionLogits, batch: dict, verbalizer: Verbalizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Label scores ``[batch, n_labels]`` (as ``cpet.lmcls.label_scores``) and the logits they come
+    from, ``[scored positions, vocab]``."""
+    if verbalizer.first_token:
+        last = batch["attention_mask"].sum(1, keepdim=True) - 1
+        out = fn(batch, last)[:, 0].float()
+        return out[:, list(verbalizer.token_ids)], out
+    labels = expand_labels(batch, verbalizer)
+    out = fn(labels.model_inputs(), labels.positions).float()
+    columns = torch.arange(out.shape[1])[None].expand_as(labels.positions)
+    return scores_from_logits(out, columns, labels, verbalizer.scoring), out[labels.valid]
+
+
+def label_scores(fns: Sequence[PositionLogits], tokenizer, rows: Sequence[dict], template: str,
                  verbalizer: Verbalizer, *, max_length: int, batch_size: int
                  ) -> tuple[list[torch.Tensor], list[int], list[float]]:
-    """Label-word logits ``[n, n_labels]`` of each model, the gold labels, and per model the largest
-    absolute difference of its full last-position logits from the first model's."""
+    """Label scores ``[n, n_labels]`` of each model, the gold labels, and per model the largest
+    absolute difference of its logits at the scored positions from the first model's."""
     seqs = tokenize_prompts(tokenizer, [r["text"] for r in rows], template, max_length)
     index = {label: i for i, label in enumerate(verbalizer.labels)}
     gold = [index[r["label"]] for r in rows]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.tensor(verbalizer.token_ids)
-    scores = [torch.zeros(len(seqs), len(ids)) for _ in fns]
+    scores = [torch.zeros(len(seqs), len(verbalizer.labels)) for _ in fns]
     diffs = [0.0 for _ in fns]
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             batch = pad_batch([seqs[i] for i in chunk], pad)
-            outs = [fn(batch) for fn in fns]
-            for k, out in enumerate(outs):
-                scores[k][chunk] = out[:, ids].float()
+            outs = [scored_logits(fn, batch, verbalizer) for fn in fns]
+            for k, (score, logits) in enumerate(outs):
+                scores[k][chunk] = score
                 if k:
-                    diffs[k] = max(diffs[k], float((out.float() - outs[0].float()).abs().max()))
+                    diffs[k] = max(diffs[k], float((logits - outs[0][1]).abs().max()))
     return scores, gold, diffs
 
 
-def parity(reference: LastLogits, candidate: LastLogits, tokenizer, rows, template, verbalizer, *,
-           max_length: int, batch_size: int, others: dict[str, LastLogits] | None = None) -> dict:
+def parity(reference: PositionLogits, candidate: PositionLogits, tokenizer, rows, template, verbalizer, *,
+           max_length: int, batch_size: int, others: dict[str, PositionLogits] | None = None) -> dict:
     """``max_abs_logit_diff``, ``top1_agreement`` and both accuracies (reference = PyTorch); the
     accuracy of each of ``others`` (e.g. the naive merge) as ``accuracy_<name>``, on the same batches."""
     others = others or {}

@@ -160,6 +160,22 @@ def specs_for(params: Params, root: Path, task: str) -> list[Spec]:
     return [Spec(v, c, rt, str(root), task) for v, c in models for rt in runtimes]
 
 
+def bench_task(params: Params, root: Path) -> str:
+    """``bench.task``, or the first task scored by first token. Every row times one forward pass at
+    the label position against lean graphs; a task scored whole (sum/mean) costs a pass over
+    prompts x labels and its exported graph has the full head, so its rows would not compare."""
+    from cpet.errors import ConfigError
+    from cpet.stages.common import load_tokenizer, task_views
+
+    first = [v.name for v in task_views(params, root, load_tokenizer(root)) if v.verbalizer.first_token]
+    if params.bench.task is not None and params.bench.task not in first:
+        raise ConfigError(f"bench.task: {params.bench.task!r} scores its words whole (not first-token); "
+                          "bench times the first-token forward: name a first-token task")
+    if not first:
+        raise ConfigError("bench.task: no task is scored by first token; bench times the first-token forward")
+    return params.bench.task or first[0]
+
+
 def bench(params: Params, root: str | Path = ".") -> dict:
     import torch
 
@@ -168,7 +184,7 @@ def bench(params: Params, root: str | Path = ".") -> dict:
 
     root = Path(root)
     cfg = params.bench
-    task = cfg.task or next(iter(params.tasks))
+    task = bench_task(params, root)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     specs = specs_for(params, root, task)

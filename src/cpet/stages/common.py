@@ -54,17 +54,17 @@ class TaskView:
 
 def task_views(params: Params, root: Path, tokenizer) -> list[TaskView]:
     """Every configured task, after checking its data passed validation and its verbalizer
-    covers exactly the task's labels."""
+    covers exactly the task's labels (a null verbalizer: each label's name is its word)."""
     views = []
     for name, cfg in params.tasks.items():
         require_valid(root, name)
         labels = data.load_manifest(root, name)["labels"]
-        if sorted(cfg.verbalizer) != sorted(labels):
+        if cfg.verbalizer is not None and sorted(cfg.verbalizer) != sorted(labels):
             raise ConfigError(
                 f"tasks.{name}.verbalizer: labels {sorted(cfg.verbalizer)} != data labels {labels}"
             )
-        words = {label: cfg.verbalizer[label] for label in labels}
-        verbalizer = Verbalizer.build(tokenizer, words, where=f"tasks.{name}.verbalizer")
+        words = cfg.label_words(labels)
+        verbalizer = Verbalizer.build(tokenizer, words, where=f"tasks.{name}.verbalizer", scoring=cfg.scoring)
         views.append(TaskView(name, cfg.template, verbalizer, Path(root)))
     return views
 
@@ -88,9 +88,11 @@ def calibration_batches(views: list[TaskView], tokenizer, *, samples: int, max_l
 
 
 def task_identity(view: TaskView) -> dict:
-    """What of a task decides a trained adapter besides its data: prompt and label tokens."""
+    """What of a task decides a trained adapter besides its data: the prompt, the labels, their
+    words' whole token sequences and the scoring (a changed word or scoring retrains, even when
+    its first token stays)."""
     return {"task": view.name, "template": view.template, "labels": list(view.verbalizer.labels),
-            "label_token_ids": list(view.verbalizer.token_ids)}
+            **view.verbalizer.identity()}
 
 
 def data_hashes(root: Path, task: str) -> dict:
@@ -102,7 +104,7 @@ def data_hashes(root: Path, task: str) -> dict:
 def checkpoint_dir(params: Params, root: Path, stage: str, *parts: str, inputs: dict) -> tuple[Path, str]:
     """Resumable-checkpoint folder (outside the DVC outputs, which DVC deletes before a run) and
     its key: a hash of ``inputs`` (everything that decides the trained weights: content hashes of
-    the models and data read, the task's prompt and label tokens, the recipe) plus the package's
+    the models and data read, the task's prompt, label words' tokens and scoring, the recipe) plus the package's
     code. A changed input gets a fresh folder, so a rerun never resumes a stale run; the other
     keys' folders for the same item are stale and removed."""
     key = hashlib.sha256(json.dumps({**inputs, "code": io.code_hash()}, sort_keys=True,

@@ -44,7 +44,7 @@ def measure(model, tokenizer, views, params: Params) -> dict:
 
 def _baseline(model, tokenizer, views, params: Params, root: Path, base_hash: str) -> dict:
     key = json.dumps([base_hash, params.compress.measure.model_dump(), io.code_hash(),
-                      {v.name: [v.template, v.verbalizer.labels, v.verbalizer.token_ids] for v in views},
+                      {v.name: [v.template, v.verbalizer.labels, v.verbalizer.identity()] for v in views},
                       [io.sha256_file(Path(root) / "data/processed" / v.name / "validation.jsonl") for v in views]])
     path = Path(root) / params.fetch.cache_dir / "measure" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if path.is_file():

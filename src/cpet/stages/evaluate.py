@@ -57,7 +57,7 @@ def evaluate(params: Params, root: str | Path = ".") -> dict:
     def score(task: str, ev, compression: str, variant: str, model) -> list[int]:
         pred = _predict(model, ev, bf16)
         predictions.setdefault(task, {"gold": list(ev.labels)})[f"{compression}/{variant}"] = pred
-        metrics = accuracy_f1(ev.labels, pred, len(ev.label_ids))
+        metrics = accuracy_f1(ev.labels, pred, len(ev.verbalizer.labels))
         rows.append({"task": task, "compression": compression, "variant": variant, "split": cfg.split,
                      "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"]})
         print(f"evaluate {task} {compression} {variant}: {metrics['accuracy']:.3f}", flush=True)

@@ -2,7 +2,9 @@
 
 Per compression method ``<m>`` and task ``<t>``: ``models/onnx/<m>/<t>/`` (``model.onnx``,
 ``config.json``, tokenizer, ``cpet_export.json``), loadable by ORT and by optimum's
-``ORTModelForCausalLM`` (``use_cache=False``). The deployment form is exact (see
+``ORTModelForCausalLM`` (``use_cache=False``). A task with first-token scoring gets the lean graph
+(logits at the last position only); one whose words are scored whole (sum/mean) the full-head
+graph, whose logits at every position the word tokens need (:mod:`cpet.export.onnx`). The deployment form is exact (see
 :mod:`cpet.export.sidepath`); a parity check against the PyTorch bundle on the ``export.split``
 fails the stage beyond ``export.tolerance``, and then nothing of the method's folder is written.
 ``reports/export/<m>.json`` holds the parity numbers per task and, for quantized bases, the
@@ -32,14 +34,15 @@ def quantized_linears(records, act: bool = False) -> int:
                if r.quant is not None and r.kind == "linear" and (r.act is not None) == act)
 
 
-def write_onnx(model, records, tokenizer, out: Path, meta: dict) -> dict:
-    """Deployment form of ``model`` (a bundle or bare model on a base with ``records``) into ``out``."""
+def write_onnx(model, records, tokenizer, out: Path, meta: dict, lean: bool = True) -> dict:
+    """Deployment form of ``model`` (a bundle or bare model on a base with ``records``) into ``out``;
+    ``lean``: the LM head at the last position only (first-token scoring)."""
     from cpet.export import deploy_model
     from cpet.export.onnx import export_onnx, folder_bytes
 
     t0 = time.perf_counter()
     graph = export_onnx(deploy_model(model, records, "onnx"), out, expect_nbits=quantized_linears(records),
-                        expect_int8=quantized_linears(records, act=True))
+                        expect_int8=quantized_linears(records, act=True), lean=lean)
     tokenizer.save_pretrained(out)
     io.write_json(out / META, meta)
     return {**graph, "bytes": folder_bytes(out), "export_seconds": round(time.perf_counter() - t0, 1)}
@@ -47,24 +50,23 @@ def write_onnx(model, records, tokenizer, out: Path, meta: dict) -> dict:
 
 def export_task(params: Params, root: Path, method: str, cm, view, tokenizer, out: Path) -> dict:
     """Export one task's bundle, then run the parity check (raises beyond tolerance)."""
-    from cpet.export import check, parity, plain_model, torch_last_logits
+    from cpet.export import check, parity, plain_model, torch_position_logits
     from cpet.export.onnx import OnnxLM, session
     from cpet.pet import load_bundle
 
     cfg = params.export
     bundle = load_bundle(copy.deepcopy(cm.model), root / RECOVER_DIR / method / view.name / cfg.variant)
     meta = {"task": view.name, "compression": method, "variant": cfg.variant, "template": view.template,
-            "labels": list(view.verbalizer.labels), "label_token_ids": list(view.verbalizer.token_ids),
-            "max_length": cfg.max_length}
-    graph = write_onnx(bundle, cm.records, tokenizer, out, meta)
+            "labels": list(view.verbalizer.labels), **view.verbalizer.identity(), "max_length": cfg.max_length}
+    graph = write_onnx(bundle, cm.records, tokenizer, out, meta, lean=view.verbalizer.first_token)
     others = {}
     if cfg.naive_baseline and quantized_linears(cm.records):
         # float weights on the new grid: the values a packed deployment would compute with, faster here
-        others["naive_requantized"] = torch_last_logits(plain_model(bundle, cm.records, requantize=True)[0])
+        others["naive_requantized"] = torch_position_logits(plain_model(bundle, cm.records, requantize=True)[0])
     rows = view.rows(cfg.split)[: cfg.max_examples]
     onnx_lm = OnnxLM(session(out, "cpu"))
     t0 = time.perf_counter()
-    result = parity(torch_last_logits(bundle), onnx_lm.last_logits, tokenizer, rows, view.template,
+    result = parity(torch_position_logits(bundle), onnx_lm.position_logits, tokenizer, rows, view.template,
                     view.verbalizer, max_length=cfg.max_length, batch_size=cfg.batch_size, others=others)
     result["parity_seconds"] = round(time.perf_counter() - t0, 1)
     check(result, cfg.tolerance, f"export {method}/{view.name}")

@@ -22,7 +22,8 @@ def prepare_task(task: str, source: str, params: Params, root: Path) -> dict:
     loaded = load_task(source, Path(root) / cfg.cache_dir, max_chars=None,
                        **tcfg.loader_options(Path(root)))
     rules = tcfg.clean.model_dump()
-    examples, dropped = data.clean(loaded.examples, labels=sorted(tcfg.verbalizer),
+    declared = sorted(tcfg.verbalizer) if tcfg.verbalizer is not None else None  # null: the source's labels
+    examples, dropped = data.clean(loaded.examples, labels=declared,
                                    truncate=partial(clean_text, max_chars=cfg.max_chars),
                                    label_column=tcfg.label_column or "label", **rules)
     s = cfg.split

@@ -75,7 +75,7 @@ def _data(root: Path, params, task: str) -> dict:
     cfg = params.tasks.get(task)
     return {"task": task, "source": cfg.source if cfg else None, "origin": manifest.get("source"),
             "manifest_sha256": _sha256(manifest_file), "counts": manifest.get("counts") or {},
-            "labels": manifest.get("labels") or (sorted(cfg.verbalizer) if cfg else [])}
+            "labels": manifest.get("labels") or (sorted(cfg.verbalizer or []) if cfg else [])}
 
 
 def _sha256(path: Path) -> str | None:

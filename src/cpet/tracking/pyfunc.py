@@ -6,7 +6,8 @@ nothing: a registered model is this code plus folders of safetensors and JSON.
 Artifacts (``context.artifacts``):
 
 - ``tokenizer``: an HF tokenizer folder;
-- ``tasks``: ``tasks.json``, ``{task: {"template", "verbalizer": {label: word}, "max_length"}}``;
+- ``tasks``: ``tasks.json``, ``{task: {"template", "verbalizer": {label: word}, "scoring", "max_length"}}``
+  (``scoring`` as in params.yaml; a model registered before it existed scored first tokens);
 - ``cpet``: ``cpet.json``, what the model is (``kind``, ``compression``, ``task``, ``base_model_uri``);
 - ``base``: the compressed model folder (``cpet-base-*`` models), or instead
 - ``bundle``: a cpet bundle (LoRA adapter + recovery modules, ``cpet-<task>-*`` models) whose base
@@ -17,8 +18,9 @@ Artifacts (``context.artifacts``):
 ``predict`` accepts a list of texts, a pandas Series, or a DataFrame with a ``text`` column and
 optionally a ``task`` column (a base model scores every configured task zero-shot; default: its
 first task). It returns a DataFrame with one row per text: ``task``, ``label``, ``score`` (the
-label's probability) and ``scores`` (``{label: probability}``, a softmax over the label words'
-next-token logits, the same scores ``cpet evaluate`` ranks).
+label's probability) and ``scores`` (``{label: probability}``, a softmax over the label scores:
+the label words' first-token logits, or their whole-word log-probabilities for sum/mean scoring;
+the same scores ``cpet evaluate`` ranks).
 """
 
 from __future__ import annotations
@@ -42,12 +44,13 @@ class CpetClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from transformers import AutoTokenizer
 
-        from cpet.lmcls import Verbalizer
+        from cpet.lmcls import FIRST_TOKEN, Verbalizer
 
         arts = context.artifacts
         self.tokenizer = AutoTokenizer.from_pretrained(arts["tokenizer"])
         self.tasks = json.loads(Path(arts["tasks"]).read_text())
-        self.verbalizers = {name: Verbalizer.build(self.tokenizer, t["verbalizer"], where=f"tasks.{name}")
+        self.verbalizers = {name: Verbalizer.build(self.tokenizer, t["verbalizer"], where=f"tasks.{name}",
+                                                   scoring=t.get("scoring", FIRST_TOKEN))
                             for name, t in self.tasks.items()}
         if "bundle" in arts:
             from cpet.pet import load_bundle

@@ -176,9 +176,15 @@ def _log(client, name: str, artifacts: dict[str, Path], about: dict, tmp: Path, 
     return version, False
 
 
-def _task_spec(params, task: str) -> dict:
+def _task_spec(params, root: Path, task: str) -> dict:
+    """What the pyfunc needs of a task; the words as the stages build them (a null verbalizer: the
+    label names from the task's manifest)."""
+    from cpet import data
+
     cfg = params.tasks[task]
-    return {"template": cfg.template, "verbalizer": dict(cfg.verbalizer), "max_length": params.evaluate.max_length}
+    words = cfg.label_words(data.load_manifest(root, task)["labels"])
+    return {"template": cfg.template, "verbalizer": words, "scoring": cfg.scoring,
+            "max_length": params.evaluate.max_length}
 
 
 def register_all(params, root: str | os.PathLike = ".") -> dict:
@@ -203,7 +209,7 @@ def register_all(params, root: str | os.PathLike = ".") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         AutoTokenizer.from_pretrained(root / "models" / "base").save_pretrained(tmp / "tokenizer")
-        io.write_json(tmp / "all" / "tasks.json", {t: _task_spec(params, t) for t in params.tasks})
+        io.write_json(tmp / "all" / "tasks.json", {t: _task_spec(params, root, t) for t in params.tasks})
         for method in params.recover_methods():
             report = json.loads((root / "reports" / "compress" / f"{method}.json").read_text())
             name = base_name(method)
@@ -219,7 +225,7 @@ def register_all(params, root: str | os.PathLike = ".") -> dict:
                 if not (bundle / "bundle.json").is_file():
                     raise CpetError(f"{bundle}: no bundle; run `cpet recover --method {method}`")
                 spec = tmp / task / "tasks.json"
-                io.write_json(spec, {task: _task_spec(params, task)})
+                io.write_json(spec, {task: _task_spec(params, root, task)})
                 tname = task_name(task, method)
                 tmetrics = task_metrics(rows, report, task, method, cfg.variant)
                 tversion, treused = _log(
