@@ -358,6 +358,9 @@ class ExportConfig(Section):
     max_length: int = Field(gt=0)
     naive_baseline: bool = Field(description="also measure 'merge LoRA, re-quantize' on quantized bases")
     tolerance: ExportTolerance
+    tolerance_int8_activations: ExportTolerance = Field(
+        description="parity bounds for bases with int8 activations (w8a8): per-token rounding is "
+                    "discontinuous, so float summation order can flip a rounding and move logits")
 
 
 class BenchConfig(Section):

@@ -98,8 +98,8 @@ def parity(reference: PositionLogits, candidate: PositionLogits, tokenizer, rows
                for name, s in zip(others, scores[2:])}}
 
 
-def check(result: dict, tolerance, where: str) -> None:
-    """Raise one CpetError naming every tolerance ``result`` breaks (``tolerance``: export.tolerance)."""
+def check(result: dict, tolerance, where: str, key: str = "export.tolerance") -> None:
+    """Raise one CpetError naming every tolerance ``result`` breaks (``tolerance``: params ``key``)."""
     bad = []
     if result["max_abs_logit_diff"] > tolerance.max_abs_logit_diff:
         bad.append(f"max |logit diff| {result['max_abs_logit_diff']:.3g} > {tolerance.max_abs_logit_diff}")
@@ -109,4 +109,4 @@ def check(result: dict, tolerance, where: str) -> None:
         bad.append(f"accuracy drop {result['accuracy_drop']:.4f} > {tolerance.max_accuracy_drop}")
     if bad:
         raise CpetError(f"{where}: ONNX parity check failed ({'; '.join(bad)}; "
-                        f"tolerances in params.yaml export.tolerance)")
+                        f"tolerances in params.yaml {key})")

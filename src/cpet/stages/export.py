@@ -4,9 +4,11 @@ Per compression method ``<m>`` and task ``<t>``: ``models/onnx/<m>/<t>/`` (``mod
 ``config.json``, tokenizer, ``cpet_export.json``), loadable by ORT and by optimum's
 ``ORTModelForCausalLM`` (``use_cache=False``). A task with first-token scoring gets the lean graph
 (logits at the last position only); one whose words are scored whole (sum/mean) the full-head
-graph, whose logits at every position the word tokens need (:mod:`cpet.export.onnx`). The deployment form is exact (see
-:mod:`cpet.export.sidepath`); a parity check against the PyTorch bundle on the ``export.split``
-fails the stage beyond ``export.tolerance``, and then nothing of the method's folder is written.
+graph, whose logits at every position the word tokens need (:mod:`cpet.export.onnx`). The
+deployment form is exact (see :mod:`cpet.export.sidepath`); a parity check against the PyTorch
+bundle on the ``export.split`` fails the stage beyond ``export.tolerance``
+(``export.tolerance_int8_activations`` for a w8a8 base), and then nothing of the method's folder
+is written.
 ``reports/export/<m>.json`` holds the parity numbers per task and, for quantized bases, the
 accuracy of the naive "fold LoRA into the weights, re-quantize" form.
 """
@@ -60,7 +62,7 @@ def export_task(params: Params, root: Path, method: str, cm, view, tokenizer, ou
             "labels": list(view.verbalizer.labels), **view.verbalizer.identity(), "max_length": cfg.max_length}
     graph = write_onnx(bundle, cm.records, tokenizer, out, meta, lean=view.verbalizer.first_token)
     others = {}
-    if cfg.naive_baseline and quantized_linears(cm.records):
+    if cfg.naive_baseline and (quantized_linears(cm.records) or quantized_linears(cm.records, act=True)):
         # float weights on the new grid: the values a packed deployment would compute with, faster here
         others["naive_requantized"] = torch_position_logits(plain_model(bundle, cm.records, requantize=True)[0])
     rows = view.rows(cfg.split)[: cfg.max_examples]
@@ -69,7 +71,9 @@ def export_task(params: Params, root: Path, method: str, cm, view, tokenizer, ou
     result = parity(torch_position_logits(bundle), onnx_lm.position_logits, tokenizer, rows, view.template,
                     view.verbalizer, max_length=cfg.max_length, batch_size=cfg.batch_size, others=others)
     result["parity_seconds"] = round(time.perf_counter() - t0, 1)
-    check(result, cfg.tolerance, f"export {method}/{view.name}")
+    int8_acts = any(r.act is not None for r in (cm.records or {}).values())
+    key = "export.tolerance_int8_activations" if int8_acts else "export.tolerance"
+    check(result, cfg.tolerance_int8_activations if int8_acts else cfg.tolerance, f"export {method}/{view.name}", key)
     print(f"export {method}/{view.name}: max|diff| {result['max_abs_logit_diff']:.2e}, "
           f"top-1 {result['top1_agreement']:.3f}, acc torch {result['accuracy_torch']:.3f} "
           f"onnx {result['accuracy_onnx']:.3f} ({graph['export_seconds']} s export, "
