@@ -1,8 +1,8 @@
 """``w8a8``: int8 weights *and* int8 activations, the arithmetic CPU int8 GEMM kernels run.
 
 Weight-only quantization buys size but no speed on CPU prefill (the GEMMs stay float); int8
-activations do (ORT ``MatMulInteger``: 0.27 ms vs 0.57 ms fp32 for one 64 x 576 x 1536 GEMM on
-this machine, ``python -m cpet.export.int8bench``). Three parts:
+activations do (ORT ``MatMulInteger``, per-token graph: 0.27 ms vs 0.54 ms fp32 for one
+64 x 576 x 1536 GEMM on this 2-core AMD EPYC, ``python -m cpet.export.int8bench gemm``). Three parts:
 
 * **SmoothQuant** (Xiao et al. 2023): per input channel ``j`` of a group of linears that read
   one tensor, ``s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha)``; the producer of that tensor
@@ -18,8 +18,11 @@ this machine, ``python -m cpet.export.int8bench``). Three parts:
 * **int8 activations, per token**: each row of a linear's input gets its own scale
   ``max|x| / 127`` at run time (:func:`quantize_tokens`). Per token, not per tensor: a prediction
   then never depends on what else is in the batch or on padding (a per-tensor dynamic scale over
-  a padded batch does), and ORT runs it as fast as a static per-tensor ``QuantizeLinear``
-  (0.27 vs 0.35 ms in the GEMM above), so static scales would only add calibration risk.
+  a padded batch does), and no calibrated scale can be broken by an outlier the calibration did
+  not see. The price is six elementwise ops per quantized input: 0.27 ms against 0.22 ms for a
+  static per-tensor ``QuantizeLinear`` in the GEMM above (the ops are shared by q/k/v and by
+  gate/up, which read one input). Static scales are the measured next lever (README "int8
+  activations"), not built yet.
 
 A **guard** keeps a layer's activations float (its weights stay int8, weight-only) when int8
 activations change its output on the calibration data by more than ``guard`` (relative L2
