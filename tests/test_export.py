@@ -337,7 +337,8 @@ def test_headbench_prints_lean_vs_full_ratios(tmp_path):
     assert out["ort_options"]["graph_optimization_level"] == "ORT_ENABLE_ALL"
 
 
-def test_w8a8_bundle_exports_to_integer_kernels_that_agree_with_training(tmp_path):
+@pytest.mark.parametrize("activations", ["per-token", "static"])
+def test_w8a8_bundle_exports_to_integer_kernels_that_agree_with_training(activations, tmp_path):
     """A LoRA + recovery bundle on a w8a8 base: every base linear is one MatMulInteger node, ORT's
     profiler shows the integer kernels ran, and ORT agrees with the training form (fake-quantized
     activations) on top-1 with logits within float-rounding distance."""
@@ -348,7 +349,8 @@ def test_w8a8_bundle_exports_to_integer_kernels_that_agree_with_training(tmp_pat
 
     g = torch.Generator().manual_seed(3)
     calib = [{"input_ids": torch.randint(0, 40, (2, 12), generator=g)} for _ in range(3)]
-    cm = compress(tiny_llama(), {"method": "w8a8"}, calib, name="w8a8")
+    cm = compress(tiny_llama(), {"method": "w8a8", "activations": activations}, calib, name="w8a8")
+    assert {r.act for r in cm.records.values()} == {activations}
     assert quantized_linears(cm.records) == 0 and quantized_linears(cm.records, act=True) == 14
     bundle = bundle_on(copy.deepcopy(cm.model))
     graph = export_onnx(deploy_model(bundle, cm.records, "onnx"), tmp_path, expect_int8=14)
@@ -362,6 +364,7 @@ def test_w8a8_bundle_exports_to_integer_kernels_that_agree_with_training(tmp_pat
     ran = Counter(e["args"]["op_name"] for e in json.loads(open(sess.end_profiling()).read())
                   if e.get("cat") == "Node" and "op_name" in e.get("args", {}))
     assert ran["MatMulInteger"] >= 14  # kernel events per run; no float MatMul replaced them
+    assert (ran["QuantizeLinear"] >= 14) == (activations == "static")
     ref = last_logits(bundle)
     assert torch.equal(ort_logits.argmax(-1), ref.argmax(-1))
     torch.testing.assert_close(ort_logits, ref, atol=1e-3, rtol=0)

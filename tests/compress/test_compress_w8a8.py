@@ -88,9 +88,10 @@ def test_training_form_quantizes_activations_per_token(peaky, calib, inputs, run
     torch.testing.assert_close(seen["x"], q * s, atol=0, rtol=0)
 
 
-def test_prediction_does_not_depend_on_the_batch(peaky, calib, inputs):
-    """Per-token scales: a row's logits are the same alone and beside another (padded) row."""
-    cm = compress(peaky, {"method": "w8a8"}, calib)
+@pytest.mark.parametrize("activations", ["per-token", "static"])
+def test_prediction_does_not_depend_on_the_batch(peaky, calib, inputs, activations):
+    """Per-token or static scales: a row's logits are the same alone and beside another (padded) row."""
+    cm = compress(peaky, {"method": "w8a8", "activations": activations}, calib)
     ids = inputs[:, :8]
     with torch.no_grad():
         alone = cm.model(input_ids=ids[:1], attention_mask=torch.ones(1, 8, dtype=torch.long)).logits
@@ -121,11 +122,14 @@ def test_guard_keeps_outlier_layers_float(make_model, calib):
     assert loose.info["steps"][0]["float_activations"] == []
 
 
-def test_save_load_deploy_roundtrip(peaky, calib, inputs, run, tmp_path):
-    cm = compress(peaky, {"method": "w8a8"}, calib)
+@pytest.mark.parametrize("activations", ["per-token", "static"])
+def test_save_load_deploy_roundtrip(peaky, calib, inputs, run, tmp_path, activations):
+    cm = compress(peaky, {"method": "w8a8", "activations": activations}, calib)
     save_compressed(cm, tmp_path / "c")
     back = load_compressed_model(tmp_path / "c")
-    assert {n: r.act for n, r in back.records.items()} == {n: r.act for n, r in cm.records.items()}
+    acts = {n: (r.act, r.act_scale) for n, r in cm.records.items()}
+    assert {n: (r.act, r.act_scale) for n, r in back.records.items()} == acts
+    assert all((s is None) == (activations == "per-token") for _, s in acts.values())
     assert torch.equal(run(back.model, inputs), run(cm.model, inputs))
     deployed = back.deploy_model()  # packed int8 weights, the same per-token activations
     torch.testing.assert_close(run(deployed, inputs), run(cm.model, inputs), atol=1e-5, rtol=1e-5)
@@ -174,3 +178,28 @@ def test_smoothing_leaves_producers_read_by_an_excluded_layer(peaky, calib, inpu
     torch.testing.assert_close(run(model, inputs), run(peaky, inputs), atol=1e-4, rtol=1e-4)
     cm = compress(peaky, {"method": "w8a8", "exclude": ["*.layers.0.self_attn.q_proj"]}, calib)
     assert "model.layers.0.self_attn.q_proj" not in cm.records and len(cm.records) == 13
+
+
+def test_static_scales_are_calibrated_absmax_and_saturate(peaky, calib, run, inputs):
+    """static: each layer's scale is its calibration input's max |x| / 127; the training form
+    multiplies that grid, clipped at -128..127 like QuantizeLinear."""
+    from cpet.compress.w8a8 import quantize_static
+
+    cm = compress(peaky, {"method": "w8a8", "activations": "static"}, calib)
+    assert cm.info["steps"][0]["activations"] == "static"
+    name = "model.layers.1.mlp.down_proj"
+    seen = {}
+
+    def grab(_module, args, _out) -> None:
+        seen.setdefault("x", args[0])
+
+    hook = cm.model.get_submodule(name).register_forward_hook(grab)
+    run(cm.model, inputs)
+    hook.remove()
+    s = cm.records[name].act_scale
+    assert s > 0
+    q = seen["x"] / s
+    torch.testing.assert_close(q, q.round(), atol=1e-3, rtol=0)  # the layer multiplies grid values
+    assert float(q.abs().max()) <= 128
+    x = torch.tensor([[1000.0, -1000.0, 0.26, 0.25]])
+    assert quantize_static(x, 0.5).tolist() == [[127.0, -128.0, 1.0, 0.0]]  # saturate; half to even

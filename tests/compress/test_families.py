@@ -44,6 +44,7 @@ CASES: dict[str, dict] = {
     "structured-ffn": {"method": "structured", "ffn_ratio": 0.5},
     "structured-heads": {"method": "structured", "heads_ratio": 0.5},
     "moe": {"method": "moe", "num_experts": 4, "top_k": 2},
+    "w8a8": {"method": "w8a8"},
     "mixed": {"method": "mixed", "steps": [{"method": "2:4"}, {"method": "int4", "group_size": 16}]},
 }
 FUSED = r"structured cannot compress (GPT2LMHeadModel|GPTNeoXForCausalLM|BloomForCausalLM|FalconForCausalLM): heads_ratio: its heads live in a fused QKV projection"
@@ -65,7 +66,7 @@ REFUSED: dict[tuple[str, str], str] = {
     ("bloom", "structured-ffn"): "ffn_width",
 }
 #: cases that must record every projection except the LM head (GPT-2's Conv1D ones included)
-EVERY_LAYER = {"int8", "int4", "int3", "unstructured", "2:4", "nm", "mixed"}
+EVERY_LAYER = {"int8", "int4", "int3", "unstructured", "2:4", "nm", "mixed", "w8a8"}
 IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(3))
 MASK = torch.tensor([[1] * 10, [1] * 7 + [0] * 3])
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -104,7 +105,8 @@ def onnx_parity(bundle, records, out: Path) -> None:
     from cpet.lmcls import last_token_logits
     from cpet.stages.export import quantized_linears
 
-    export_onnx(deploy_model(bundle, records, "onnx"), out, expect_nbits=quantized_linears(records))
+    export_onnx(deploy_model(bundle, records, "onnx"), out, expect_nbits=quantized_linears(records),
+                expect_int8=quantized_linears(records, act=True))
     ort = OnnxLM(session(out)).last_logits({"input_ids": IDS, "attention_mask": MASK})  # lean graph
     with torch.no_grad():
         ref = last_token_logits(bundle(input_ids=IDS, attention_mask=MASK).logits, MASK)

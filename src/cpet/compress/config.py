@@ -77,6 +77,9 @@ class W8A8Config(_Selective):
 
     method: Literal["w8a8"] = "w8a8"
     alpha: float = Field(0.5, ge=0, le=1, description="SmoothQuant migration strength; 0 = no smoothing")
+    activations: Literal["per-token", "static"] = Field(
+        "per-token", description="per-token: a scale per row at run time (batch-independent, no calibrated "
+                                 "range to break); static: one calibrated scale per layer input (fewer ops)")
     guard: float = Field(
         0.1, gt=0, description="largest relative output error int8 activations may cause on calibration "
                                "data; a layer above it keeps float activations (int8 weights)")

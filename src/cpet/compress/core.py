@@ -60,11 +60,12 @@ class WeightRecord:
     kind: Literal["linear", "embedding"]
     quant: QuantRecord | None = None
     mask: torch.Tensor | None = None  # bool, False = pruned: always exactly zero
-    act: str | None = None  # "per-token": int8 activations too (cpet.compress.w8a8); None: float
+    act: str | None = None  # "per-token" | "static": int8 activations too (cpet.compress.w8a8); None: float
+    act_scale: float | None = None  # the calibrated input scale of a "static" layer
 
     def meta(self) -> dict:
         return {"kind": self.kind, "quant": self.quant.meta() if self.quant else None, "sparse": self.mask is not None,
-                "act": self.act}
+                "act": self.act, "act_scale": self.act_scale}
 
 
 @dataclass

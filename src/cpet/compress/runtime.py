@@ -53,16 +53,17 @@ class QuantLinear(_Packed):
     """Quantized replacement of a projection (``nn.Linear``, ``Conv1D``): weight-only, or with
     ``act="per-token"`` int8 activations too (:mod:`cpet.compress.w8a8`), as in training form."""
 
-    def __init__(self, linear: nn.Module, quant: QuantRecord, act: str | None = None) -> None:
+    def __init__(self, linear: nn.Module, quant: QuantRecord, act: str | None = None,
+                 act_scale: float | None = None) -> None:
         p = projection(linear)
         super().__init__(p.out_features, p.in_features, quant, p.weight.dtype)
         self.in_features, self.out_features = p.in_features, p.out_features
         self.bias = None if p.bias is None else nn.Parameter(p.bias.detach().clone(), requires_grad=False)
-        self.act = act
+        self.act, self.act_scale = act, act_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act is not None:
-            x = fake_quant(x)
+            x = fake_quant(x, self.act_scale)
         return torch.nn.functional.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
 
 
@@ -99,7 +100,7 @@ def to_deploy(model: nn.Module, records: dict[str, WeightRecord]) -> nn.Module:
         for owner in owners[id(deploy.get_submodule(name).weight)]:
             old = deploy.get_submodule(owner)
             new = (QuantEmbedding(old, rec.quant) if isinstance(old, nn.Embedding)
-                   else QuantLinear(old, rec.quant, rec.act))
+                   else QuantLinear(old, rec.quant, rec.act, rec.act_scale))
             for key in ("packed", "scales"):
                 shared.setdefault(key, getattr(new, key))
                 setattr(new, key, shared[key])

@@ -126,7 +126,7 @@ def _records(tensors: dict[str, torch.Tensor], layers: dict[str, dict]) -> dict[
                 levels = torch.full((rows, cols), qmath.zero_level(bits, codebook), dtype=torch.uint8)
                 levels[mask] = qmath.unpack(packed, bits, int(mask.sum()))[0]
             quant = QuantRecord(bits, q["group_size"], levels.contiguous(), tensors[f"{name}.weight.scales"], codebook)
-        records[name] = WeightRecord(meta["kind"], quant, mask, meta.get("act"))
+        records[name] = WeightRecord(meta["kind"], quant, mask, meta.get("act"), meta.get("act_scale"))
     return records
 
 

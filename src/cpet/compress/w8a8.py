@@ -46,8 +46,9 @@ from cpet.compress.core import Calibration, CompressedModel, require_calib, requ
 from cpet.compress.quant import quant_targets, rtn, store
 from cpet.compress.registry import QUANTIZATION, Method, register
 
-#: the one activation scheme: symmetric int8 per token (row of the last dimension)
-PER_TOKEN = "per-token"
+#: activation schemes: symmetric int8 per token (row of the last dimension), computed at run time;
+#: or one calibrated scale per layer input (``static``), as ORT's ``QuantizeLinear`` applies it
+PER_TOKEN, STATIC = "per-token", "static"
 QMAX = 127.0
 #: floor of a row's absmax, so an all-zero row gets a finite scale (and quantizes to zeros)
 EPS = 1e-8
@@ -60,31 +61,46 @@ def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x / scale), scale
 
 
+def quantize_static(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Integer values (as float) of ``x`` on one fixed scale: round half to even, saturated to
+    -128..127, which is what ``QuantizeLinear`` with uint8 zero point 128 computes."""
+    return torch.round(x / scale).clamp_(-128, 127)
+
+
+def quantize(x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """``x`` on its int8 grid, as values: per token (``scale`` None) or on a static scale."""
+    if scale is None:
+        q, s = quantize_tokens(x)
+        return q * s
+    return quantize_static(x, scale) * scale
+
+
 class _FakeQuant(torch.autograd.Function):
-    """Forward: the per-token int8 values ``q * scale``; backward: the gradient unchanged (STE)."""
+    """Forward: the int8 values the kernel multiplies; backward: the gradient unchanged (STE)."""
 
     @staticmethod
-    def forward(ctx, x):
-        q, scale = quantize_tokens(x.detach())
-        return q * scale
+    def forward(ctx, x, scale):
+        return quantize(x.detach(), scale)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad
+        return grad, None
 
 
-def fake_quant(x: torch.Tensor) -> torch.Tensor:
+def fake_quant(x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """``x`` as the int8 kernel sees it (values), with a straight-through gradient."""
-    return _FakeQuant.apply(x)
+    return _FakeQuant.apply(x, scale)
 
 
 class ActQuant:
-    """Forward pre-hook of an int8-activation layer in training form: quantizes its input."""
+    """Forward pre-hook of an int8-activation layer in training form: quantizes its input, per
+    token (``scale`` None) or on the layer's calibrated static scale."""
 
-    mode = PER_TOKEN
+    def __init__(self, scale: float | None = None) -> None:
+        self.scale = scale
 
     def __call__(self, module: nn.Module, args: tuple) -> tuple:
-        return (fake_quant(args[0]), *args[1:])
+        return (fake_quant(args[0], self.scale), *args[1:])
 
 
 def act_quantized(module: nn.Module) -> bool:
@@ -99,7 +115,7 @@ def install(model: nn.Module, records: dict) -> int:
             continue
         mod = model.get_submodule(name)
         if not act_quantized(mod):
-            mod.register_forward_pre_hook(ActQuant())
+            mod.register_forward_pre_hook(ActQuant(rec.act_scale))
         n += 1
     return n
 
@@ -219,17 +235,29 @@ def smooth(model: nn.Module, calib: Calibration, linears: dict[str, nn.Module], 
 
 
 @torch.no_grad()
-def guard_errors(model: nn.Module, calib: Calibration, linears: dict[str, nn.Module]) -> dict[str, float]:
-    """Per linear: relative L2 error of its output when its input is int8 per token, vs float
-    input, with its current weights (so after int8 weight quantization)."""
+def static_scales(model: nn.Module, calib: Calibration, linears: dict[str, nn.Module]) -> dict[str, float]:
+    """Per linear: ``max |x| / 127`` of its input over the calibration tokens."""
+    amax: dict[str, float] = {}
+
+    def record(name, x):
+        amax[name] = max(amax.get(name, 0.0), float(x.abs().max()))
+
+    calibration.run(model, calib, linears, record)
+    return {n: max(amax.get(n, 0.0), EPS) / QMAX for n in linears}
+
+
+@torch.no_grad()
+def guard_errors(model: nn.Module, calib: Calibration, linears: dict[str, nn.Module],
+                 scales: dict[str, float] | None = None) -> dict[str, float]:
+    """Per linear: relative L2 error of its output when its input is int8 (per token, or on
+    ``scales[name]``), vs float input, with its current weights (so after int8 weight quantization)."""
     err = {n: 0.0 for n in linears}
     ref = {n: 0.0 for n in linears}
 
     def record(name, x):
         w = matrix(linears[name]).float()
-        q, scale = quantize_tokens(x)
         y = x @ w.T
-        err[name] += float(((q * scale) @ w.T - y).pow(2).sum())
+        err[name] += float((quantize(x, (scales or {}).get(name)) @ w.T - y).pow(2).sum())
         ref[name] += float(y.pow(2).sum())
 
     calibration.run(model, calib, linears, record)
@@ -243,17 +271,20 @@ def apply_w8a8(cm: CompressedModel, cfg: W8A8Config, calib: Calibration | None) 
     smoothing = smooth(cm.model, calib, linears, cfg.alpha) if cfg.alpha > 0 else {"smoothed_groups": 0}
     for name, mod in linears.items():
         store(cm, name, mod, "linear", rtn(matrix(mod), 8, matrix(mod).shape[1]))
-    errors = guard_errors(cm.model, calib, linears)
+    scales = static_scales(cm.model, calib, linears) if cfg.activations == STATIC else None
+    errors = guard_errors(cm.model, calib, linears, scales)
     kept_float = sorted(n for n, e in errors.items() if e > cfg.guard)
     for name in linears:
-        cm.records[name].act = None if name in kept_float else PER_TOKEN
+        rec = cm.records[name]
+        rec.act = None if name in kept_float else cfg.activations
+        rec.act_scale = scales[name] if rec.act == STATIC else None
     install(cm.model, cm.records)
     worst = sorted(errors.items(), key=lambda kv: -kv[1])[:3]
-    return {"bits": 8, "granularity": "per-output-channel", "activations": PER_TOKEN, "alpha": cfg.alpha,
+    return {"bits": 8, "granularity": "per-output-channel", "activations": cfg.activations, "alpha": cfg.alpha,
             "guard": cfg.guard, "quantized": len(linears), "int8_activations": len(linears) - len(kept_float),
             "float_activations": kept_float, "largest_errors": {n: round(e, 4) for n, e in worst},
             **smoothing}
 
 
 register(Method("w8a8", W8A8Config, apply_w8a8, QUANTIZATION,
-                "SmoothQuant int8 weights and per-token int8 activations (int8 GEMMs on CPU)"))
+                "SmoothQuant int8 weights and int8 activations, per token or static (int8 GEMMs on CPU)"))

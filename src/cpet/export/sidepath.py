@@ -330,6 +330,6 @@ def deploy_model(model: nn.Module, records: dict[str, WeightRecord] | None = Non
     from cpet.export.nbits import NBitsLinear
 
     for name, rec in renamed.items():
-        kind = Int8Linear if rec.act else NBitsLinear
-        work.set_submodule(name, kind(work.get_submodule(name), rec.quant))
+        mod = work.get_submodule(name)
+        work.set_submodule(name, Int8Linear(mod, rec.quant, rec.act_scale) if rec.act else NBitsLinear(mod, rec.quant))
     return work.requires_grad_(False)
