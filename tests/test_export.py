@@ -393,3 +393,19 @@ def test_int8bench_graphs_compute_the_same_product_and_profile_names_the_kernels
     prof = profile(tmp_path, batch=1, seq_len=8, rounds=2, threads=1)
     assert prof["runs"] == 2 and "MatMulInteger" in prof["ops"]
     assert abs(sum(op["share"] for op in prof["ops"].values()) - 1) < 0.01
+
+
+def test_int8bench_models_times_base_and_compressed_folders(tmp_path):
+    from cpet.compress import save_compressed
+    from cpet.export.int8bench import models
+
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    g = torch.Generator().manual_seed(3)
+    calib = [{"input_ids": torch.randint(0, 40, (2, 12), generator=g)}]
+    for act in ("per-token", "static"):
+        save_compressed(compress(base, {"method": "w8a8", "activations": act}, calib), tmp_path / f"w8a8-{act}")
+    out = models(str(tmp_path / "base"), [str(tmp_path / "w8a8-per-token"), str(tmp_path / "w8a8-static")],
+                 seq_len=8, rounds=3, threads=1, keep=str(tmp_path / "onnx"))
+    assert set(out["batch 1"]) == set(out["batch 16"]) == {"base", "w8a8-per-token", "w8a8-static"}
+    assert out["batch 1"]["base"]["speedup"] == 1.0 and out["batch 16"]["w8a8-static"]["p50_ms"] > 0

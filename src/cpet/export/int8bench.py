@@ -4,6 +4,7 @@
 
     PYTHONPATH=src python -m cpet.export.int8bench gemm [--m 64 --k 576 --n 1536 --rounds 50]
     PYTHONPATH=src python -m cpet.export.int8bench profile models/onnx/<method>/<task> [--batch 1 --seq-len 64]
+    PYTHONPATH=src python -m cpet.export.int8bench models --base models/base models/compressed/<m> ... [--keep DIR]
 
 ``gemm``: one ``[m, k] x [k, n]`` product as single-layer ORT graphs, interleaved rounds, p50 in ms
 and the speedup over fp32 ``MatMul``: ``per-token`` is the graph :mod:`cpet.export.int8` exports
@@ -11,6 +12,10 @@ and the speedup over fp32 ``MatMul``: ``per-token`` is the graph :mod:`cpet.expo
 ``static`` a calibrated per-tensor scale (``QuantizeLinear``); ``dynamic-tensor`` ORT's own dynamic
 quantization (``DynamicQuantizeLinear``, one scale per tensor: a row's result depends on the rest of
 the batch); ``s8s8`` the integer product with int8 activations. Why w8a8 uses per-token u8 x s8.
+
+``models``: the bare base and compressed model folders as lean ONNX graphs (``export_onnx`` of the
+deployment form), timed in interleaved rounds at batch 1 and 16 x ``--seq-len``: p50 and the
+speedup over the base, e.g. per-token vs static activation scales on the same method.
 
 ``profile``: ORT's profiler over ``--rounds`` runs of an exported model on random tokens, time
 summed per operator type (which kernels ran, and where the time goes), as a table and JSON.
@@ -127,6 +132,41 @@ def profile(folder: str | Path, batch: int, seq_len: int, rounds: int, threads: 
             "ops": {op: {"ms": round(ms, 3), "share": round(ms * max(runs, 1) / total, 3)} for op, ms in rows}}
 
 
+def models(base: str, folders: list[str], seq_len: int, rounds: int, threads: int, keep: str | None) -> dict:
+    """Lean-graph ORT p50 of the base and each compressed folder, interleaved; speedups over the base."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cpet.bench import inputs
+    from cpet.compress import load_compressed_model
+    from cpet.export import deploy_model
+    from cpet.export.headbench import measure
+    from cpet.export.onnx import OnnxLM, export_onnx, session
+    from cpet.stages.export import quantized_linears
+
+    work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="int8bench-"))
+    sessions = {}
+    for name, src in [("base", base)] + [(Path(f).name, f) for f in folders]:
+        out = work / name
+        if not (out / "model.onnx").is_file():
+            if name == "base":
+                model, records = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval(), None
+            else:
+                cm = load_compressed_model(src)
+                model, records = cm.model, cm.records
+            export_onnx(deploy_model(model, records, "onnx"), out, expect_nbits=quantized_linears(records),
+                        expect_int8=quantized_linears(records, act=True))
+        sessions[name] = OnnxLM(session(out, threads=threads))
+    vocab = json.loads((work / "base" / "config.json").read_text())["vocab_size"]
+    result: dict = {"seq_len": seq_len, "folders": {"base": base, **{Path(f).name: f for f in folders}}}
+    for batch, n in ((1, rounds), (16, max(rounds // 4, 3))):
+        ids, mask = inputs(batch, seq_len, vocab)
+        p50 = {k: statistics.median(v) for k, v in measure(sessions, ids, mask, n).items()}
+        result[f"batch {batch}"] = {k: {"p50_ms": round(v, 1), "speedup": round(p50["base"] / v, 2)}
+                                    for k, v in p50.items()}
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -142,8 +182,17 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--threads", type=int, default=0)
+    m = sub.add_parser("models", help="bare base vs compressed folders as lean ONNX graphs, interleaved")
+    m.add_argument("folders", nargs="+", help="compressed model folders (models/compressed/<m>)")
+    m.add_argument("--base", default="models/base")
+    m.add_argument("--seq-len", type=int, default=64)
+    m.add_argument("--rounds", type=int, default=30, help="batch 1 rounds (batch 16: a quarter)")
+    m.add_argument("--threads", type=int, default=0)
+    m.add_argument("--keep", default=None, help="export into this folder (and reuse it)")
     args = ap.parse_args(argv)
-    if args.command == "gemm":
+    if args.command == "models":
+        out = models(args.base, args.folders, args.seq_len, args.rounds, args.threads, args.keep)
+    elif args.command == "gemm":
         out = gemm(args.m, args.k, args.n, args.rounds, args.threads)
     else:
         out = profile(args.folder, args.batch, args.seq_len, args.rounds, args.threads)
