@@ -23,6 +23,19 @@ def outliers(model: torch.nn.Module, scale: float = 40.0) -> torch.nn.Module:
     return model
 
 
+def layer_input(model: torch.nn.Module, name: str, ids: torch.Tensor, run) -> torch.Tensor:
+    """What module ``name`` multiplies (its input after any pre-hook) on one forward pass of ``ids``."""
+    seen = {}
+
+    def grab(_module, args, _out) -> None:
+        seen.setdefault("x", args[0])
+
+    hook = model.get_submodule(name).register_forward_hook(grab)
+    run(model, ids)
+    hook.remove()
+    return seen["x"]
+
+
 @pytest.fixture(scope="module")
 def peaky(make_model):
     return outliers(make_model("llama"))
@@ -76,14 +89,7 @@ def test_training_form_quantizes_activations_per_token(peaky, calib, inputs, run
     cm.verify()
     # the int8 input is what the layer multiplies: same weights, float activations differ
     name = "model.layers.0.mlp.down_proj"
-    seen = {}
-
-    def grab(_module, args, _out) -> None:
-        seen.setdefault("x", args[0])
-
-    hook = cm.model.get_submodule(name).register_forward_hook(grab)
-    run(cm.model, inputs)
-    hook.remove()
+    seen = {"x": layer_input(cm.model, name, inputs, run)}
     q, s = quantize_tokens(seen["x"])
     torch.testing.assert_close(seen["x"], q * s, atol=0, rtol=0)
 
@@ -181,21 +187,14 @@ def test_smoothing_leaves_producers_read_by_an_excluded_layer(peaky, calib, inpu
 
 
 def test_static_scales_are_calibrated_absmax_and_saturate(peaky, calib, run, inputs):
-    """static: each layer's scale is its calibration input's max |x| / 127; the training form
-    multiplies that grid, clipped at -128..127 like QuantizeLinear."""
+    """static: each layer has its own calibrated scale; the training form multiplies values on that
+    grid, saturated at -128..127 and rounded half to even like QuantizeLinear."""
     from cpet.compress.w8a8 import quantize_static
 
     cm = compress(peaky, {"method": "w8a8", "activations": "static"}, calib)
     assert cm.info["steps"][0]["activations"] == "static"
     name = "model.layers.1.mlp.down_proj"
-    seen = {}
-
-    def grab(_module, args, _out) -> None:
-        seen.setdefault("x", args[0])
-
-    hook = cm.model.get_submodule(name).register_forward_hook(grab)
-    run(cm.model, inputs)
-    hook.remove()
+    seen = {"x": layer_input(cm.model, name, inputs, run)}
     s = cm.records[name].act_scale
     assert s > 0
     q = seen["x"] / s
