@@ -409,3 +409,46 @@ def test_int8bench_models_times_base_and_compressed_folders(tmp_path):
                  seq_len=8, rounds=3, threads=1, keep=str(tmp_path / "onnx"))
     assert set(out["batch 1"]) == set(out["batch 16"]) == {"base", "w8a8-per-token", "w8a8-static"}
     assert out["batch 1"]["base"]["speedup"] == 1.0 and out["batch 16"]["w8a8-static"]["p50_ms"] > 0
+
+
+def test_a_bundle_is_usable_without_the_registry(recovered, capsys):
+    """`cpet predict --bundle` = the README's three-line Python load; the bundle's LoRA part is a
+    standard peft folder that PeftModel.from_pretrained loads on the compressed model."""
+    import yaml
+    from peft import PeftModel
+
+    from cpet.cli import main
+    from cpet.compress import load_compressed
+    from cpet.lmcls import Verbalizer, predict
+    from cpet.pet import load_bundle
+    from cpet.stages.common import load_tokenizer
+
+    root, params = recovered
+    (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(by_alias=True, mode="json")))
+    cli = ["--params", str(root / "params.yaml"), "--root", str(root), "predict"]
+    bundle_dir = root / "models/recover/int8/tiny/compressed+cpet"
+    texts = ["a b c", "d e", "f g h i"]
+    assert main([*cli, "--bundle", str(bundle_dir), *texts]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["text"] for r in rows] == texts and all(r["task"] == "tiny" for r in rows)
+    assert all(abs(sum(r["scores"].values()) - 1) < 1e-4 for r in rows)
+
+    # the three lines of Python (README "Use a bundle without the registry")
+    model = load_bundle(load_compressed(root / "models/compressed/int8"), bundle_dir).eval()
+    tokenizer = load_tokenizer(root)
+    task = params.tasks["tiny"]
+    verbalizer = Verbalizer.build(tokenizer, task.verbalizer, scoring=task.scoring)
+    idx, _ = predict(model, tokenizer, texts, task.template, verbalizer, max_length=params.serve.max_length)
+    assert [r["label"] for r in rows] == [verbalizer.labels[k] for k in idx]
+
+    lora = PeftModel.from_pretrained(load_compressed(root / "models/compressed/int8"), bundle_dir / "adapter")
+    ours = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    theirs = {n: p for n, p in lora.named_parameters() if "lora_" in n}
+    assert ours and len(ours) == len(theirs)
+    for (n1, a), (n2, b) in zip(sorted(ours.items()), sorted(theirs.items())):
+        assert torch.equal(a, b), (n1, n2)
+
+    assert main([*cli, "--bundle", str(root / "models"), "x"]) == 1
+    assert "not a bundle folder" in capsys.readouterr().err
+    assert main([*cli, "--bundle", str(bundle_dir), "--task", "nope", "x"]) == 2
+    assert "--task: 'nope' is not a configured task" in capsys.readouterr().err

@@ -60,9 +60,13 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("promote", help="re-check a registered version's gates; 'champion' moves only if they pass")
     pr.add_argument("--model", required=True, help="registered model name, e.g. cpet-sentiment-int3")
     pr.add_argument("--version", help="version to check (default: the latest)")
-    pd = sub.add_parser("predict", help="classify texts with a registered model (JSON lines out)")
-    pd.add_argument("--model", required=True, help="e.g. models:/cpet-sentiment-int3@champion")
-    pd.add_argument("--task", help="task for a base model, which scores every task (default: its first)")
+    pd = sub.add_parser("predict", help="classify texts with a registered model or a bundle folder (JSON lines out)")
+    src = pd.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="e.g. models:/cpet-sentiment-int3@champion")
+    src.add_argument("--bundle", type=Path, help="a bundle folder, models/recover/<method>/<task>/<variant> "
+                                                 "(its base: models/compressed/<method>; no registry)")
+    pd.add_argument("--task", help="task for a base model, which scores every task (default: its first), or for a "
+                                   "bundle outside models/recover/<method>/<task>/<variant>")
     pd.add_argument("texts", nargs="+", help="texts to classify ('-' reads one per line from stdin)")
     cd = sub.add_parser("card", help="print the model card (README.md) of a registered model or a local folder")
     cd.add_argument("target", help="models:/cpet-sentiment-int3@champion, models:/<name>/<version>, "
@@ -172,6 +176,13 @@ def _promote(args, params) -> int:
 
 
 def _predict(args, params) -> int:
+    if args.bundle is not None:
+        from cpet.standalone import bundle_predict
+
+        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()] if args.texts == ["-"] else args.texts
+        for row in bundle_predict(params, Path(args.root), args.bundle, texts, task=args.task):
+            print(json.dumps(row))
+        return 0
     from cpet.tracking.commands import predict_command
 
     return predict_command(params, Path(args.root), args.model, args.texts, args.task)

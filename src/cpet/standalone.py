@@ -70,3 +70,37 @@ def parse_method_arg(value: str, params_path: Path) -> dict:
         raise ConfigError(f"--method: {value!r} is not in {params_path} compress.methods "
                           f"({', '.join(methods)}); or pass a JSON config")
     return methods[value]
+
+
+def bundle_predict(params, root: Path, bundle: Path, texts: list[str], *, task: str | None = None,
+                   base: Path | None = None) -> list[dict]:
+    """Classify ``texts`` with a bundle folder, no registry: ``models/recover/<method>/<task>/<variant>``
+    on its compressed base ``models/compressed/<method>`` (or ``base``), the task's template and
+    label words from params.yaml (``task`` defaults to the folder's). Rows as ``cpet predict`` prints."""
+    import torch
+
+    from cpet import paths
+    from cpet.compress import load_compressed
+    from cpet.lmcls import predict
+    from cpet.pet import load_bundle
+    from cpet.stages.common import load_tokenizer, task_views
+
+    bundle = Path(bundle)
+    if not (bundle / "adapter").is_dir():
+        raise DataError(f"{bundle}: not a bundle folder (no adapter/ inside; expected "
+                        "models/recover/<method>/<task>/<variant>)")
+    task = task or bundle.parent.name
+    if task not in params.tasks:
+        raise ConfigError(f"--task: {task!r} is not a configured task ({', '.join(params.tasks)}); "
+                          "pass --task for a bundle outside models/recover/<method>/<task>/<variant>")
+    base = Path(base) if base else paths.require(root, paths.compressed(bundle.parent.parent.name))
+    tokenizer = load_tokenizer(root)
+    view = next(v for v in task_views(params, root, tokenizer) if v.name == task)
+    model = load_bundle(load_compressed(base, form="train"), bundle).eval()
+    idx, scores = predict(model, tokenizer, texts, view.template, view.verbalizer,
+                          max_length=params.serve.max_length, batch_size=params.serve.batch_size)
+    probs = torch.softmax(scores, dim=1).tolist()
+    labels = view.verbalizer.labels
+    return [{"text": t, "task": task, "label": labels[k], "score": round(p[k], 6),
+             "scores": {lab: round(v, 6) for lab, v in zip(labels, p, strict=True)}}
+            for t, k, p in zip(texts, idx, probs, strict=True)]
