@@ -23,6 +23,7 @@ from typing import Any
 from cpet import io
 from cpet.config import Params
 from cpet.errors import CpetError
+from cpet.study import experiment_revs, read_json_at
 
 EXPERIMENT = "front"
 ORIGINAL, PET, CPET = "original+pet", "compressed+pet", "compressed+cpet"
@@ -68,29 +69,13 @@ def run(params: Params, root: Path, dry_run: bool = False) -> str:
     return shown
 
 
-def _experiment_rev(root: Path, name: str) -> str | None:
-    proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=root,
-                          capture_output=True, text=True, check=False)
-    if proc.returncode:
-        raise CpetError(f"dvc exp show: {(proc.stderr.strip().splitlines() or ['failed'])[-1]}")
-    for commit in json.loads(proc.stdout or "[]"):
-        for exp in commit.get("experiments") or []:
-            for rev in exp.get("revs") or []:
-                if rev.get("name") == name and not rev.get("error"):
-                    return rev["rev"]
-    return None
-
-
 def _read(root: Path, rel: str, rev: str | None) -> Any:
     if rev is None:
         path = root / rel
         if not path.is_file():
             raise CpetError(f"{path}: missing; run the pipeline (`dvc repro bench`) or `cpet front` first")
         return json.loads(path.read_text())
-    proc = subprocess.run(["git", "show", f"{rev}:{rel}"], cwd=root, capture_output=True, text=True, check=False)
-    if proc.returncode:
-        raise CpetError(f"experiment {rev[:8]}: no {rel}")
-    return json.loads(proc.stdout)
+    return read_json_at(root, rev, rel, EXPERIMENT)
 
 
 def table(results: list[dict], bench: list[dict], tolerance: float) -> dict:
@@ -171,7 +156,7 @@ def write_report(params: Params, root: Path, workspace: bool = False) -> dict:
     """``reports/front.{json,md,png}`` from the front experiment (or, ``workspace``, the workspace)."""
     rev = None
     if not workspace:
-        rev = _experiment_rev(root, EXPERIMENT)
+        rev = experiment_revs(root).get(EXPERIMENT)
         if rev is None:
             raise CpetError(f"no DVC experiment named {EXPERIMENT!r} on this commit: run `cpet front` first "
                             "(or `cpet front-report --workspace` for the workspace's reports)")

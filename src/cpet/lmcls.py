@@ -126,13 +126,16 @@ def label_position_logits(model, batch: dict) -> torch.Tensor:
     (``logits_to_keep``, supported by current HF causal LMs): the vocabulary projection of a
     49k-token vocabulary over every position would otherwise cost ~20% of the forward pass.
     """
+    return _at_last_positions(model, batch, ())[1]
+
+
+def _at_last_positions(model, batch: dict, layers: Sequence[int]):
+    """The model output (``logits`` at the batch's distinct last positions only) and the
+    ``[batch, vocab]`` logits at each row's own last real position."""
     last = batch["attention_mask"].sum(dim=1) - 1
     keep, where = torch.unique(last, return_inverse=True)
-    try:
-        logits = model(**batch, logits_to_keep=keep).logits
-    except TypeError:  # an architecture without logits_to_keep
-        return last_token_logits(model(**batch).logits, batch["attention_mask"])
-    return logits[torch.arange(logits.shape[0], device=logits.device), where]
+    out = forward_at(model, batch, keep, layers)
+    return out, out.logits[torch.arange(len(last), device=last.device), where]
 
 
 @dataclass(frozen=True)
@@ -210,11 +213,11 @@ def forward_at(model, inputs: dict, keep: torch.Tensor, layers: Sequence[int]):
     """``model`` output whose ``logits`` hold the positions ``keep`` only (``logits_to_keep``, which
     current HF causal LMs support: the head over a 49k vocabulary at every position would cost ~20%
     of the pass); an architecture without it computes every position and is sliced after."""
-    kw = {"output_hidden_states": bool(layers), "use_cache": False}
+    inputs = {**inputs, "output_hidden_states": bool(layers), "use_cache": False}
     try:
-        return model(**inputs, logits_to_keep=keep, **kw)
-    except TypeError:
-        out = model(**inputs, **kw)
+        return model(**inputs, logits_to_keep=keep)
+    except TypeError:  # an architecture without logits_to_keep
+        out = model(**inputs)
         out.logits = out.logits[:, keep]
         return out
 
@@ -230,12 +233,8 @@ def label_scores(model, batch: dict, verbalizer: Verbalizer, layers: Sequence[in
     """
     mask = batch["attention_mask"]
     if verbalizer.first_token:
-        last = mask.sum(dim=1) - 1
-        keep = torch.unique(last)  # sorted
-        out = forward_at(model, {"input_ids": batch["input_ids"], "attention_mask": mask}, keep, layers)
-        col = torch.searchsorted(keep, last)
-        label_ids = torch.tensor(verbalizer.token_ids, device=last.device)
-        scores = out.logits[torch.arange(len(last), device=last.device), col][:, label_ids].float()
+        out, logits = _at_last_positions(model, {"input_ids": batch["input_ids"], "attention_mask": mask}, layers)
+        scores = logits[:, torch.tensor(verbalizer.token_ids, device=logits.device)].float()
         hidden = {l: out.hidden_states[l] for l in layers} if layers else {}
         return LabelScores(scores, hidden)
     labels = expand_labels(batch, verbalizer)

@@ -104,6 +104,11 @@ def run(params: Params, root: Path, only: list[str] | None = None, dry_run: bool
 
 def _experiment_revs(root: Path) -> dict[str, str]:
     """DVC experiment name -> commit, for this study's experiments on the current baseline."""
+    return {name: rev for name, rev in experiment_revs(root).items() if name.startswith(PREFIX)}
+
+
+def experiment_revs(root: Path) -> dict[str, str]:
+    """DVC experiment name -> commit, for every finished experiment on the current baseline."""
     proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=root,
                           capture_output=True, text=True, check=False)
     if proc.returncode:
@@ -114,9 +119,17 @@ def _experiment_revs(root: Path) -> dict[str, str]:
             if (exp.get("executor") or {}).get("state") not in (None, "success"):
                 continue  # queued or still running: no results yet
             for rev in exp.get("revs") or []:
-                if (rev.get("name") or "").startswith(PREFIX) and not rev.get("error"):
+                if rev.get("name") and not rev.get("error"):
                     out[rev["name"]] = rev["rev"]
     return out
+
+
+def read_json_at(root: Path, rev: str, rel: str, where: str):
+    """The JSON file ``rel`` as committed in experiment commit ``rev`` (``where`` names it in errors)."""
+    proc = subprocess.run(["git", "show", f"{rev}:{rel}"], cwd=root, capture_output=True, text=True, check=False)
+    if proc.returncode:
+        raise CpetError(f"{where}: no {rel} in experiment {rev[:8]}")
+    return json.loads(proc.stdout)
 
 
 def collect(params: Params, root: Path) -> dict[str, dict]:
@@ -126,11 +139,7 @@ def collect(params: Params, root: Path) -> dict[str, dict]:
     for exp in experiments(params):
         if exp.name not in revs:
             continue
-        proc = subprocess.run(["git", "show", f"{revs[exp.name]}:reports/predictions.json"], cwd=root,
-                              capture_output=True, text=True, check=False)
-        if proc.returncode:
-            raise CpetError(f"{exp.name}: no reports/predictions.json in experiment {revs[exp.name][:8]}")
-        out[exp.name] = json.loads(proc.stdout)
+        out[exp.name] = read_json_at(root, revs[exp.name], "reports/predictions.json", exp.name)
     return out
 
 

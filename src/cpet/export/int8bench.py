@@ -27,7 +27,6 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -86,16 +85,13 @@ def gemm(m: int, k: int, n: int, rounds: int, threads: int) -> dict:
 
     from cpet.export.onnx import session_options
 
+    from cpet.export.headbench import measure
+
     x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
     sessions = {name: ort.InferenceSession(g, session_options(threads), providers=["CPUExecutionProvider"])
                 for name, g in gemm_graphs(k, n).items()}
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for r in range(rounds + 3):
-        for name, sess in sessions.items():
-            t0 = time.perf_counter()
-            sess.run(None, {"x": x})
-            if r >= 3:
-                times[name].append((time.perf_counter() - t0) * 1000)
+    runs = {name: (lambda _ids, _mask, s=sess: s.run(None, {"x": x})) for name, sess in sessions.items()}
+    times = measure(runs, None, None, rounds, warmup=3)
     p50 = {name: statistics.median(v) for name, v in times.items()}
     return {"shape": [m, k, n], "rounds": rounds, "p50_ms": {k_: round(v, 3) for k_, v in p50.items()},
             "speedup_over_fp32": {k_: round(p50["fp32"] / v, 2) for k_, v in p50.items()}}
