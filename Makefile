@@ -43,7 +43,7 @@ install-gpu: $(BIN)/uv
 	$(BIN)/uv pip install --python $(BIN)/python -e '.[gpu,dev]'
 
 lock: $(BIN)/uv
-	$(BIN)/uv pip compile pyproject.toml --extra cpu --extra dev --extra cluster $(UV_FLAGS) \
+	$(BIN)/uv pip compile pyproject.toml --extra cpu --extra dev --extra cluster --extra hf $(UV_FLAGS) \
 	  --python-version 3.11 --no-header -o $(LOCK)
 
 run: install

@@ -213,7 +213,7 @@ def test_hf_hub_id_offline_is_one_clear_line(tmp_path, raw_params, monkeypatch):
 
 
 def test_hf_saved_dataset_dir_keeps_its_splits(tmp_path, raw_params):
-    datasets = pytest.importorskip("datasets")
+    import datasets
     rows = _rows()
     parts = {s: datasets.Dataset.from_list([{"text": r["body"], "label": r["stars"]}
                                             for r in rows if r["split"] == s]) for s in data.SPLITS}
@@ -261,33 +261,31 @@ def test_jsonl_row_missing_a_column_is_named(tmp_path, raw_params):
              source="jsonl:gap.jsonl")
 
 
-def test_hf_logic_with_a_stand_in_datasets_module(tmp_path, raw_params, monkeypatch):
-    """load_hf's split and ClassLabel handling, without the real package (not installed here)."""
-    import sys
-    import types
-
-    class Dataset(list):
-        def __init__(self, rows, names=None):
-            super().__init__(rows)
-            self.column_names = list(rows[0])
-            self.features = {"label": types.SimpleNamespace(names=names)} if names else {}
-
-    class DatasetDict(dict):
-        pass
-
+def test_hf_saved_dataset_with_class_labels_and_a_missing_split(tmp_path, raw_params):
+    """A real saved DatasetDict whose label column is a ClassLabel (ints on disk, names in the
+    features): names come back as labels; a dict without validation is refused by name."""
+    import datasets
     rows = _rows()
-    saved = {s: Dataset([{"text": r["body"], "label": ["neg", "pos"].index(r["stars"])}
-                         for r in rows if r["split"] == s], names=["neg", "pos"]) for s in data.SPLITS}
-    fake = types.SimpleNamespace(Dataset=Dataset, DatasetDict=DatasetDict,
-                                 load_from_disk=lambda path: DatasetDict(saved))
-    monkeypatch.setitem(sys.modules, "datasets", fake)
-    (tmp_path / "saved").mkdir()
-    (tmp_path / "saved" / "dataset_dict.json").write_text("{}")
-    validation = saved.pop("validation")
-    _refused(raw_params, tmp_path, "hf:saved: splits train, test; need train, validation and test",
-             source="hf:saved")
-    saved["validation"] = validation
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["neg", "pos"])})
+    parts = {s: datasets.Dataset.from_list([{"text": r["body"], "label": ["neg", "pos"].index(r["stars"])}
+                                            for r in rows if r["split"] == s], features=features)
+             for s in data.SPLITS}
+    datasets.DatasetDict({k: v for k, v in parts.items() if k != "validation"}).save_to_disk(
+        str(tmp_path / "gap"))
+    _refused(raw_params, tmp_path, "hf:gap: splits train, test; need train, validation and test",
+             source="hf:gap")
+    datasets.DatasetDict(parts).save_to_disk(str(tmp_path / "saved"))
     meta = _prepare(raw_params, tmp_path, source="hf:saved")
     assert meta["splits_from_source"] and meta["counts"] == {"train": 16, "validation": 4, "test": 4}
     assert meta["source"]["format"] == "hf" and len(meta["source"]["sha256"]) == 64
     assert {r["label"] for r in data.load_split(tmp_path, "mine", "train")} == {"neg", "pos"}
+
+
+def test_hf_single_split_dataset_is_divided_by_fetch(tmp_path, raw_params):
+    import datasets
+    rows = _rows()
+    datasets.Dataset.from_list([{"text": r["body"], "label": r["stars"]} for r in rows]).save_to_disk(
+        str(tmp_path / "flat"))
+    meta = _prepare(raw_params, tmp_path, source="hf:flat")
+    assert not meta["splits_from_source"] and sum(meta["counts"].values()) == len(rows)
