@@ -25,17 +25,26 @@ def test_experiments_change_one_axis_at_a_time_per_seed():
     names = [e.name for e in exps]
     assert len(names) == len(set(names))
     assert {e.seed for e in exps} == set(s.seeds)
-    base = [e for e in exps if e.axis == "base"]
-    assert len(base) == len(s.seeds)
-    for e in exps:  # every experiment keeps only the study's cell
+    assert [e.axis for e in exps][:2 * len(s.seeds)] == ["cells"] * len(s.seeds) + ["ablation"] * len(s.seeds)
+    for e in exps:
         assert f"recover.train.seed={e.seed}" in e.overrides
-        assert all(f"~tasks.{t}" in e.overrides for t in params.tasks if t != s.task)
-        assert all(f"~compress.methods.{m}" in e.overrides for m in params.compress.methods if m != s.method)
+        tasks = s.tasks if e.axis == "cells" else [s.task]
+        methods = s.methods if e.axis == "cells" else [e.value.split(":")[0]] if e.axis == "strength" else [s.method]
+        assert {t for t in params.tasks if f"~tasks.{t}" not in e.overrides} == set(tasks)
+        assert {m for m in params.compress.methods if f"~compress.methods.{m}" not in e.overrides} == set(methods)
+        variants = s.variants + (s.ablations if e.axis == "ablation" else [])
+        assert f"recover.variants=[{','.join(variants)}]" in e.overrides
     steps = {e.value for e in exps if e.axis == "steps"}
     assert steps == {str(n) for n in s.steps if n != params.recover.train.steps}
+    strength = [e for e in exps if e.axis == "strength" and e.seed == s.seeds[0]]
+    assert len(strength) == sum(map(len, s.strength.values()))
     raw = params.model_dump(by_alias=True, mode="json")
     raw["study"]["task"] = "nope"
     with pytest.raises(ConfigError, match="study.task: 'nope' is not a configured task"):
+        study.experiments(parse_params(raw))
+    raw["study"]["task"] = s.task
+    raw["study"]["strength"] = {"int9": [{}]}
+    with pytest.raises(ConfigError, match="study.strength: 'int9' is not in compress.methods"):
         study.experiments(parse_params(raw))
 
 

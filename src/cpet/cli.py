@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     load_test_arguments(sub.add_parser("load-test", help="bounded load test of a running cpet serve (loopback)"))
     st = sub.add_parser("study", help="run params.yaml study's DVC experiments one at a time (dvc exp run --temp)")
     st.add_argument("--dry-run", action="store_true", help="print the dvc exp run commands only")
-    st.add_argument("--only", nargs="*", help="experiment names to run (default: all not yet done)")
+    st.add_argument("--only", nargs="*", help="experiment names or shell patterns, e.g. 'study-cells-*' "
+                    "(default: all not yet done)")
     sub.add_parser("study-report", help="aggregate the study's experiments into reports/study/")
     fr = sub.add_parser("front", help="run params.yaml front.methods through the pipeline as one DVC experiment")
     fr.add_argument("--dry-run", action="store_true", help="print the dvc exp run command only")

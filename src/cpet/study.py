@@ -14,6 +14,7 @@ is only the list of overrides (:func:`experiments`) and the statistics (:func:`r
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import subprocess
 import sys
@@ -22,40 +23,60 @@ from pathlib import Path
 
 from cpet import io
 from cpet.config import Params
+from cpet.config.recipes import CPET, INHERIT_ONLY, ORIGINAL, PET
 from cpet.errors import ConfigError, CpetError
 
 PREFIX = "study-"
-ORIGINAL, PET, CPET = "original+pet", "compressed+pet", "compressed+cpet"
 
 
 @dataclass(frozen=True)
 class Experiment:
     name: str
-    axis: str  # base | steps | strength | distill
+    axis: str  # cells | ablation | steps | strength | distill
     value: str
     seed: int
     overrides: tuple[str, ...] = field(default=())
 
 
-def _focus(params: Params, seed: int) -> list[str]:
-    """Overrides that keep one task and one method, the study's variants and this seed."""
-    s = params.study
-    out = [f"~tasks.{t}" for t in params.tasks if t != s.task]
-    out += [f"~compress.methods.{m}" for m in params.compress.methods if m != s.method]
-    out += [f"recover.variants=[{','.join(s.variants)}]", f"recover.train.seed={seed}"]
-    if params.bench.task not in (None, s.task):
+def _keep(params: Params, seed: int, tasks: list[str], methods: list[str], variants: list[str]) -> list[str]:
+    """Overrides that keep these tasks and methods, train these variants with this seed."""
+    out = [f"~tasks.{t}" for t in params.tasks if t not in tasks]
+    out += [f"~compress.methods.{m}" for m in params.compress.methods if m not in methods]
+    out += [f"recover.variants=[{','.join(variants)}]", f"recover.train.seed={seed}"]
+    if params.bench.task not in (None, *tasks):
         out.append("bench.task=null")
     return out
 
 
+def _check(params: Params) -> None:
+    s = params.study
+    for where, tasks in (("study.tasks", s.tasks), ("study.task", [s.task])):
+        for t in tasks:  # checked here: other runs may configure other tasks
+            if t not in params.tasks:
+                raise ConfigError(f"{where}: {t!r} is not a configured task ({', '.join(params.tasks)})")
+    for where, methods in (("study.methods", s.methods), ("study.method", [s.method]), ("study.strength", s.strength)):
+        for m in methods:
+            if m not in params.compress.methods:
+                raise ConfigError(f"{where}: {m!r} is not in compress.methods ({', '.join(params.compress.methods)})")
+
+
+def _slug(value: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in value)[:40].strip("-")
+
+
 def experiments(params: Params) -> list[Experiment]:
-    """Every experiment of the study: the default recipe per seed, then one axis changed at a time."""
+    """Every experiment of the study, most telling first: the default recipe on every cell per
+    seed, then the focus cell's ablation rows, then one axis changed at a time on the focus cell."""
+    _check(params)
     s, train, distill = params.study, params.recover.train, params.recover.distill
-    if s.task not in params.tasks:  # checked here: other runs may configure other tasks
-        raise ConfigError(f"study.task: {s.task!r} is not a configured task ({', '.join(params.tasks)})")
-    if s.method not in params.compress.methods:
-        raise ConfigError(f"study.method: {s.method!r} is not in compress.methods ({', '.join(params.compress.methods)})")
-    axes: list[tuple[str, str, list[str]]] = [("base", "default", [])]
+    focus = ([s.task], [s.method], list(s.variants))
+    axes: list[tuple[str, str, tuple, list[str]]] = [
+        ("cells", "default", (list(s.tasks), list(s.methods), list(s.variants)), []),
+        ("ablation", "default", ([s.task], [s.method], list(dict.fromkeys([*s.variants, *s.ablations]))), [])]
+    for alpha, beta in s.distill:
+        if (alpha, beta) != (distill.alpha, distill.beta):
+            axes.append(("distill", f"alpha={alpha},beta={beta}", focus,
+                         [f"recover.distill.alpha={alpha}", f"recover.distill.beta={beta}"]))
     for steps in s.steps:
         if steps != train.steps or s.max_train:
             every = max(1, steps // 2)
@@ -64,20 +85,17 @@ def experiments(params: Params) -> list[Experiment]:
                     f"recover.train.warmup_steps={min(train.warmup_steps, steps)}"]
             if s.max_train:
                 over.append(f"fetch.split.max_train={s.max_train}")
-            axes.append(("steps", str(steps), over))
-    for i, setting in enumerate(s.strength):
-        axes.append(("strength", json.dumps(setting, sort_keys=True),
-                     [f"compress.methods.{s.method}.{k}={json.dumps(v)}" for k, v in setting.items()]))
-    for alpha, beta in s.distill:
-        if (alpha, beta) != (distill.alpha, distill.beta):
-            axes.append(("distill", f"alpha={alpha},beta={beta}",
-                         [f"recover.distill.alpha={alpha}", f"recover.distill.beta={beta}"]))
+            axes.append(("steps", str(steps), focus, over))
+    for method, settings in s.strength.items():
+        for setting in settings:
+            value = ",".join(f"{k}={v}" for k, v in sorted(setting.items())) or "as-is"
+            axes.append(("strength", f"{method}:{value}", ([s.task], [method], list(s.variants)),
+                         [f"compress.methods.{method}.{k}={json.dumps(v)}" for k, v in setting.items()]))
     out = []
-    for axis, value, over in axes:
+    for axis, value, (tasks, methods, variants), over in axes:
         for seed in s.seeds:
-            slug = "".join(c if c.isalnum() else "-" for c in value)[:40].strip("-")
-            out.append(Experiment(f"{PREFIX}{axis}-{slug}-s{seed}", axis, value, seed,
-                                  tuple(_focus(params, seed) + over)))
+            out.append(Experiment(f"{PREFIX}{axis}-{_slug(value)}-s{seed}", axis, value, seed,
+                                  tuple(_keep(params, seed, tasks, methods, variants) + over)))
     return out
 
 
@@ -86,7 +104,7 @@ def run(params: Params, root: Path, only: list[str] | None = None, dry_run: bool
     done = set(_experiment_revs(root)) if not dry_run else set()
     commands = []
     for exp in experiments(params):
-        if (only and exp.name not in only) or exp.name in done:
+        if (only and not any(fnmatch.fnmatchcase(exp.name, pat) for pat in only)) or exp.name in done:
             continue
         cmd = [sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", exp.name]
         for o in exp.overrides:
@@ -150,97 +168,162 @@ def _ratio(orig: float, pet: float, cpet: float) -> float | None:
 
 def cell_stats(per_seed: list[dict[str, list[int]]], samples: int, confidence: float, seed: int) -> dict:
     """Statistics of one cell from its seeds' predictions (``{"gold", ORIGINAL, PET, CPET, ...}``
-    per seed, same test rows). The interval resamples seeds, then test rows within each."""
+    per seed, same test rows). Every variant's share of the gap it closes, ``(v - pet) / (original
+    - pet)``, gets a percentile interval that resamples seeds, then test rows within each; the
+    recovery ratio is CPET's."""
     import numpy as np
     from scipy.stats import binomtest
 
-    correct = [{k: np.asarray(v) == np.asarray(s["gold"]) for k, v in s.items() if k != "gold"} for s in per_seed]
-    acc = {k: [float(c[k].mean()) for c in correct] for k in correct[0]}
+    names = [k for k in per_seed[0] if k != "gold"]
+    correct = [np.stack([np.asarray(s[k]) == np.asarray(s["gold"]) for k in names]) for s in per_seed]
+    acc = {k: [float(c[i].mean()) for c in correct] for i, k in enumerate(names)}
     mean = {k: float(np.mean(v)) for k, v in acc.items()}
-    point = _ratio(mean[ORIGINAL], mean[PET], mean[CPET]) if {ORIGINAL, PET, CPET} <= mean.keys() else None
-    rng = np.random.default_rng(seed)
-    draws = []
-    if point is not None:
-        n = len(per_seed[0]["gold"])
+    gaps = [k for k in names if k not in (ORIGINAL, PET)] if {ORIGINAL, PET} <= mean.keys() else []
+    ratios = {k: _ratio(mean[ORIGINAL], mean[PET], mean[k]) for k in gaps}
+    draws: dict[str, list[float]] = {k: [] for k in gaps}
+    if gaps and any(r is not None for r in ratios.values()):
+        rng = np.random.default_rng(seed)
+        n, idx = len(per_seed[0]["gold"]), {k: i for i, k in enumerate(names)}
         for _ in range(samples):
             picked = rng.integers(0, len(correct), len(correct))
             rows = rng.integers(0, n, (len(correct), n))
-            m = {k: np.mean([correct[s][k][r].mean() for s, r in zip(picked, rows)]) for k in (ORIGINAL, PET, CPET)}
-            r = _ratio(m[ORIGINAL], m[PET], m[CPET])
-            if r is not None:
-                draws.append(r)
-    lo, hi = ((float(np.quantile(draws, (1 - confidence) / 2)), float(np.quantile(draws, (1 + confidence) / 2)))
-              if draws else (None, None))
+            m = np.mean([correct[s][:, r].mean(axis=1) for s, r in zip(picked, rows)], axis=0)
+            for k in gaps:
+                r = _ratio(m[idx[ORIGINAL]], m[idx[PET]], m[idx[k]])
+                if r is not None:
+                    draws[k].append(r)
+    intervals = {k: ([float(np.quantile(d, (1 - confidence) / 2)), float(np.quantile(d, (1 + confidence) / 2))]
+                     if d else [None, None]) for k, d in draws.items()}
     tests = []
     if {PET, CPET} <= mean.keys():
+        pet, cpet = names.index(PET), names.index(CPET)
         for c in correct:
-            tests.append((int((c[PET] & ~c[CPET]).sum()), int((c[CPET] & ~c[PET]).sum())))
+            tests.append((int((c[pet] & ~c[cpet]).sum()), int((c[cpet] & ~c[pet]).sum())))
     pooled = None
     if tests:
         a, b = sum(t[0] for t in tests), sum(t[1] for t in tests)
         pooled = {"only_pet_right": a, "only_cpet_right": b,
                   "p_value": float(binomtest(b, a + b, 0.5).pvalue) if a + b else 1.0}
-    return {"seeds": len(per_seed), "accuracy": acc, "mean_accuracy": mean, "recovery_ratio": point,
-            "interval": [lo, hi], "mcnemar_per_seed": tests, "mcnemar_pooled": pooled}
+    return {"seeds": len(per_seed), "accuracy": acc, "mean_accuracy": mean,
+            "recovery_ratio": ratios.get(CPET), "interval": intervals.get(CPET, [None, None]),
+            "ratios": ratios, "intervals": intervals, "mcnemar_per_seed": tests, "mcnemar_pooled": pooled}
+
+
+def _cells_of(name: str, predictions: dict) -> dict[tuple[str, str], dict]:
+    """``(task, method) -> {"gold", ORIGINAL, variant: predictions}`` of one experiment."""
+    out = {}
+    for task, preds in predictions.items():
+        if f"none/{ORIGINAL}" not in preds:
+            raise CpetError(f"{name}: predictions of task {task!r} hold no {ORIGINAL}")
+        for key in preds:
+            method, _, variant = key.partition("/")
+            if method == "none" or key == "gold":
+                continue
+            cell = out.setdefault((task, method), {"gold": preds["gold"], ORIGINAL: preds[f"none/{ORIGINAL}"]})
+            cell[variant] = preds[key]
+    return out
 
 
 def report(params: Params, runs: dict[str, dict]) -> dict:
-    """Group experiments by (axis, value), compute each group's cell statistics."""
+    """Group experiments by (axis, value, task, method); each group's statistics over its seeds."""
     s = params.study
-    groups: dict[tuple[str, str], list[dict]] = {}
+    groups: dict[tuple[str, str, str, str], list[dict]] = {}
     for exp in experiments(params):
-        if exp.name not in runs:
-            continue
-        task = runs[exp.name].get(s.task)
-        if task is None:
-            raise CpetError(f"{exp.name}: predictions hold no task {s.task!r}")
-        rows = {"gold": task["gold"], ORIGINAL: task[f"none/{ORIGINAL}"]}
-        rows |= {k.split("/", 1)[1]: v for k, v in task.items() if k.startswith(f"{s.method}/")}
-        groups.setdefault((exp.axis, exp.value), []).append(rows)
+        if exp.name in runs:
+            for (task, method), rows in _cells_of(exp.name, runs[exp.name]).items():
+                groups.setdefault((exp.axis, exp.value, task, method), []).append(rows)
     b = s.bootstrap
-    cells = [{"axis": axis, "value": value, **cell_stats(seeds, b.samples, b.confidence, b.seed)}
-             for (axis, value), seeds in groups.items()]
+    cells = [{"axis": axis, "value": value, "task": task, "method": method,
+              **cell_stats(seeds, b.samples, b.confidence, b.seed)}
+             for (axis, value, task, method), seeds in groups.items()]
     return {"task": s.task, "method": s.method, "confidence": b.confidence, "cells": cells}
 
 
+def _fmt_ratio(r, lo_hi) -> str:
+    if r is None:
+        return "n/a"
+    return f"{r:.2f} [{lo_hi[0]:.2f}, {lo_hi[1]:.2f}]" if lo_hi[0] is not None else f"{r:.2f}"
+
+
+def _fmt_test(t) -> str:
+    return "" if t is None else f"{t['only_pet_right']} / {t['only_cpet_right']}, p = {t['p_value']:.2g}"
+
+
 def markdown(result: dict) -> str:
-    lines = [f"# CPET study: {result['task']} on {result['method']}", "",
-             f"Recovery ratio (cpet - pet) / (original - pet) pooled over seeds, "
-             f"{result['confidence']:.0%} bootstrap interval over seeds and test rows; "
-             "McNemar CPET vs PET over all seeds' test rows.", "",
-             "| axis | value | seeds | original+pet | compressed+pet | compressed+cpet | ratio [interval] | "
-             "only pet / only cpet right, p |", "|---|---|---|---|---|---|---|---|"]
-    for c in result["cells"]:
-        m, lo_hi, t = c["mean_accuracy"], c["interval"], c["mcnemar_pooled"]
-        ratio = "n/a" if c["recovery_ratio"] is None else (
-            f"{c['recovery_ratio']:.2f} [{lo_hi[0]:.2f}, {lo_hi[1]:.2f}]" if lo_hi[0] is not None
-            else f"{c['recovery_ratio']:.2f}")
-        test = "" if t is None else f"{t['only_pet_right']} / {t['only_cpet_right']}, p = {t['p_value']:.2g}"
-        lines.append(f"| {c['axis']} | {c['value']} | {c['seeds']} | {m.get(ORIGINAL, 0):.3f} | "
-                     f"{m.get(PET, 0):.3f} | {m.get(CPET, 0):.3f} | {ratio} | {test} |")
+    cells = result["cells"]
+    lines = ["# CPET study", "",
+             f"Recovery ratio (v - pet) / (original - pet), means pooled over seeds; "
+             f"{result['confidence']:.0%} bootstrap interval over seeds and test rows. McNemar CPET vs "
+             "PET over all seeds' test rows (rows only PET / only CPET got right, two-sided p).", "",
+             "## Every cell, default recipe", "",
+             "| task | method | seeds | original+pet | inherit-only | compressed+pet | compressed+cpet | "
+             "ratio [interval] | McNemar |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in (c for c in cells if c["axis"] == "cells"):
+        m = c["mean_accuracy"]
+        lines.append(f"| {c['task']} | {c['method']} | {c['seeds']} | {m.get(ORIGINAL, 0):.3f} | "
+                     f"{m.get(INHERIT_ONLY, float('nan')):.3f} | {m.get(PET, 0):.3f} | {m.get(CPET, 0):.3f} | "
+                     f"{_fmt_ratio(c['recovery_ratio'], c['interval'])} | {_fmt_test(c['mcnemar_pooled'])} |")
+    for c in (c for c in cells if c["axis"] == "ablation"):
+        lines += ["", f"## Ablations on {c['task']} x {c['method']} (recipe rows)", "",
+                  "| variant | accuracy per seed | mean | share of the gap closed [interval] |",
+                  "|---|---|---|---|"]
+        for k, accs in sorted(c["accuracy"].items(), key=lambda kv: c["mean_accuracy"][kv[0]]):
+            share = "reference" if k in (ORIGINAL, PET) else _fmt_ratio(c["ratios"].get(k), c["intervals"].get(k, [None]))
+            lines.append(f"| {k} | {' / '.join(f'{a:.3f}' for a in accs)} | {c['mean_accuracy'][k]:.3f} | {share} |")
+    lines += ["", "## One setting changed at a time (focus cell; the reference is the ablation run)", "",
+              "| axis | value | task | method | seeds | original+pet | compressed+pet | compressed+cpet | "
+              "ratio [interval] | McNemar |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in (c for c in cells if c["axis"] not in ("cells",)):
+        m = c["mean_accuracy"]
+        lines.append(f"| {c['axis']} | {c['value']} | {c['task']} | {c['method']} | {c['seeds']} | "
+                     f"{m.get(ORIGINAL, 0):.3f} | {m.get(PET, 0):.3f} | {m.get(CPET, 0):.3f} | "
+                     f"{_fmt_ratio(c['recovery_ratio'], c['interval'])} | {_fmt_test(c['mcnemar_pooled'])} |")
     return "\n".join(lines) + "\n"
 
 
+def _panel(ax, title: str, labels: list[str], ratios: list, intervals: list) -> None:
+    ys = [r if r is not None else float("nan") for r in ratios]
+    err = [[max(0, y - (i[0] if i[0] is not None else y)) for y, i in zip(ys, intervals)],
+           [max(0, (i[1] if i[1] is not None else y) - y) for y, i in zip(ys, intervals)]]
+    ax.errorbar(range(len(ys)), ys, yerr=err, fmt="o", capsize=4)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.axhline(1, color="black", ls="--", lw=0.8)
+    ax.set_xticks(range(len(ys)), labels, rotation=25, ha="right", fontsize=7)
+    ax.set_title(title, fontsize=9)
+
+
 def plot(result: dict, path: Path) -> None:
+    """Recovery ratio with its interval: per cell, per ablation row, and along each axis (the
+    ablation run, i.e. the focus cell's default, first where the axis changes its recipe)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    axes = [a for a in dict.fromkeys(c["axis"] for c in result["cells"]) if a != "base"]
-    base = next((c for c in result["cells"] if c["axis"] == "base"), None)
-    fig, subplots = plt.subplots(1, max(len(axes), 1), figsize=(5 * max(len(axes), 1), 3.5), squeeze=False)
-    for ax, name in zip(subplots[0], axes or ["base"]):
-        cells = ([base] if base else []) + [c for c in result["cells"] if c["axis"] == name and c is not base]
-        labels = [c["value"] for c in cells]
-        ys = [c["recovery_ratio"] if c["recovery_ratio"] is not None else float("nan") for c in cells]
-        err = [[max(0, y - (c["interval"][0] if c["interval"][0] is not None else y)) for y, c in zip(ys, cells)],
-               [max(0, (c["interval"][1] if c["interval"][1] is not None else y) - y) for y, c in zip(ys, cells)]]
-        ax.errorbar(range(len(cells)), ys, yerr=err, fmt="o", capsize=4)
-        ax.axhline(0, color="grey", lw=0.8)
-        ax.axhline(1, color="black", ls="--", lw=0.8)
-        ax.set_xticks(range(len(cells)), labels, rotation=20, fontsize=8)
-        ax.set_title(f"recovery ratio vs {name}")
+    cells = result["cells"]
+    ref = next((c for c in cells if c["axis"] == "ablation"), None)
+    panels = []
+    grid = [c for c in cells if c["axis"] == "cells"]
+    if grid:
+        panels.append(("ratio per cell", [f"{c['task']}/{c['method']}" for c in grid],
+                       [c["recovery_ratio"] for c in grid], [c["interval"] for c in grid]))
+    if ref:
+        keys = sorted(ref["ratios"], key=lambda k: ref["ratios"][k] if ref["ratios"][k] is not None else -9)
+        panels.append((f"share of gap closed, {ref['task']}/{ref['method']}", [k.removeprefix("compressed+") for k in keys],
+                       [ref["ratios"][k] for k in keys], [ref["intervals"][k] for k in keys]))
+    for axis in dict.fromkeys(c["axis"] for c in cells if c["axis"] not in ("cells", "ablation")):
+        row = [c for c in cells if c["axis"] == axis]
+        if ref and axis != "strength":
+            row = [{**ref, "value": "default"}] + row
+        elif ref:
+            row = [{**ref, "value": f"{ref['method']}:default"}] + [c for c in row if c["method"] == ref["method"]] + \
+                  [c for c in row if c["method"] != ref["method"]]
+        panels.append((f"CPET ratio vs {axis}", [c["value"] for c in row],
+                       [c["recovery_ratio"] for c in row], [c["interval"] for c in row]))
+    panels = panels or [("no cells", [], [], [])]
+    fig, subplots = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
+    for ax, panel in zip(subplots[0], panels):
+        _panel(ax, *panel)
     fig.tight_layout()
     io.save_figure(fig, path)
 

@@ -398,18 +398,25 @@ class BootstrapConfig(Section):
 
 
 class StudyConfig(Section):
-    """``cpet study``: DVC experiments on one cell of the comparison, aggregated by ``cpet study-report``."""
+    """``cpet study``: DVC experiments over cells of the comparison, aggregated by ``cpet study-report``.
 
-    task: str = Field(description="the task every experiment trains and evaluates (others are removed)")
-    method: str = Field(description="the compress.methods entry every experiment uses (others are removed)")
+    Axis ``cells``: every ``tasks`` x ``methods`` cell with the default recipe. The other axes run on
+    one focus cell (``task`` x ``method``): ``ablation`` (the default recipe with ``variants`` +
+    ``ablations``: the reference point of the curves), ``steps``, ``distill`` and ``strength``."""
+
+    tasks: list[str] = Field(min_length=1, description="tasks of the 'cells' axis (others are removed)")
+    methods: list[str] = Field(min_length=1, description="compress.methods entries of the 'cells' axis")
+    task: str = Field(description="the focus cell's task: every other axis trains and evaluates only it")
+    method: str = Field(description="the focus cell's compress.methods entry")
     seeds: list[int] = Field(min_length=1, description="recover.train.seed values: adapter init and data order")
     variants: TrainedVariants = Field(min_length=1, description="recover.variants of every experiment")
+    ablations: TrainedVariants = Field(description="variants trained besides `variants` on the focus cell (axis 'ablation')")
     steps: list[int] = Field(description="recover.train.steps values (axis 'steps')")
     max_train: int | None = Field(None, gt=0, description="fetch.split.max_train for the steps axis (null = as is)")
-    strength: list[dict[str, Any]] = Field(description="compress.methods.<method> settings (axis 'strength')")
+    strength: dict[str, list[dict[str, Any]]] = Field(
+        description="compress.methods entry -> settings merged into it, each on study.task ({} = as is; axis 'strength')")
     distill: list[tuple[float, float]] = Field(description="(alpha, beta) of recover.distill (axis 'distill')")
     bootstrap: BootstrapConfig
-
 
 
 # --------------------------------------------------------------------------- front
