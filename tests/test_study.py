@@ -79,6 +79,55 @@ def test_cell_statistics_ratio_interval_and_mcnemar():
     assert tie["mcnemar_pooled"] == {"only_pet_right": 0, "only_cpet_right": 0, "p_value": 1.0}
 
 
+def _predictions(rng, tasks, methods, variants, n=200):
+    out = {}
+    for task in tasks:
+        gold = rng.integers(0, 2, n)
+        preds = {"gold": gold.tolist(), "none/original+pet": gold.tolist()}  # original: always right
+        for method in methods:
+            for k, v in enumerate(["compressed+inherit-only", *variants]):
+                wrong = np.zeros(n, bool)
+                wrong[: (len(variants) + 1 - k) * 10] = True  # later variants are wrong on fewer rows
+                preds[f"{method}/{v}"] = np.where(wrong, 1 - gold, gold).tolist()
+        out[task] = preds
+    return out
+
+
+def test_report_groups_cells_and_ablation_rows_with_known_ratios(tmp_path):
+    """Two seeds of every experiment, predictions built so each variant's accuracy is known."""
+    params = load_params(ROOT / "params.yaml")
+    s = params.study
+    rng = np.random.default_rng(0)
+    runs = {}
+    for e in study.experiments(params):
+        if e.axis == "cells":
+            runs[e.name] = _predictions(rng, s.tasks, s.methods, s.variants)
+        elif e.axis == "ablation":
+            runs[e.name] = _predictions(rng, [s.task], [s.method], [*s.variants, *s.ablations])
+    result = study.report(params, runs)
+    cells = {(c["axis"], c["task"], c["method"]): c for c in result["cells"]}
+    assert set(cells) == {("cells", t, m) for t in s.tasks for m in s.methods} | {("ablation", s.task, s.method)}
+    grid = cells[("cells", s.tasks[0], s.methods[0])]
+    # 200 rows; inherit-only wrong on 30, pet on 20, cpet on 10: ratio (0.95 - 0.90) / (1 - 0.90)
+    assert grid["seeds"] == 2 and grid["mean_accuracy"]["compressed+pet"] == pytest.approx(0.90)
+    assert grid["recovery_ratio"] == pytest.approx(0.5)
+    assert grid["mcnemar_pooled"]["only_pet_right"] == 0 and grid["mcnemar_pooled"]["only_cpet_right"] == 20
+    ablation = cells[("ablation", s.task, s.method)]
+    order = [*s.variants, *s.ablations]
+    wrong = {v: (len(order) - k) * 10 for k, v in enumerate(order)}  # pet is variant 0
+    for v in order[1:]:
+        expected = (wrong["compressed+pet"] - wrong[v]) / wrong["compressed+pet"]
+        assert ablation["ratios"][v] == pytest.approx(expected)
+        lo, hi = ablation["intervals"][v]
+        assert lo <= expected <= hi
+    assert ablation["ratios"]["compressed+inherit-only"] < 0
+    md = study.markdown(result)
+    assert "## Every cell, default recipe" in md and f"## Ablations on {s.task} x {s.method}" in md
+    assert f"| {s.tasks[1]} | {s.methods[1]} | 2 | 1.000 | 0.850 | 0.900 | 0.950 | 0.50 [" in md
+    study.plot(result, tmp_path / "study.png")
+    assert (tmp_path / "study.png").stat().st_size > 1000
+
+
 def _git(root, *args):
     subprocess.run(["git", *args], cwd=root, check=True, capture_output=True)
 
@@ -104,8 +153,9 @@ def test_study_runs_dvc_experiments_and_reports(tiny_project, monkeypatch):
     raw["tasks"]["tiny"]["verbalizer"] = {"neg": "bad", "pos": "good"}  # DVC's -S writer unquotes 'no'
     raw["compress"]["methods"] = {"int8": {"method": "int8"}}
     raw["recover"]["variants"] = ["compressed+pet", "compressed+cpet"]
-    raw["study"].update(task="tiny", method="int8", seeds=[0, 1], variants=["compressed+pet", "compressed+cpet"],
-                        steps=[raw["recover"]["train"]["steps"]], distill=[[0.0, 1.0]], strength=[])
+    raw["study"].update(tasks=["tiny"], methods=["int8"], task="tiny", method="int8", seeds=[0, 1],
+                        variants=["compressed+pet", "compressed+cpet"], ablations=["compressed+inherit"],
+                        steps=[raw["recover"]["train"]["steps"]], distill=[[0.0, 1.0]], strength={})
     raw["study"]["bootstrap"]["samples"] = 200
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
@@ -122,7 +172,9 @@ def test_study_runs_dvc_experiments_and_reports(tiny_project, monkeypatch):
 
     params = load_params(root / "params.yaml")
     names = [e.name for e in study.experiments(params)]
-    assert len(names) == 4  # base and one distill setting, two seeds each
+    assert len(names) == 6  # cells, ablation and one distill setting, two seeds each
+    study.run(params, root, only=["study-cells-*"])
+    assert set(study._experiment_revs(root)) == {"study-cells-default-s0", "study-cells-default-s1"}
     study.run(params, root)
     assert yaml.safe_load((root / "params.yaml").read_text())["recover"]["train"]["seed"] == 0  # workspace untouched
     assert study.run(params, root) == []  # finished experiments are not rerun
@@ -130,13 +182,18 @@ def test_study_runs_dvc_experiments_and_reports(tiny_project, monkeypatch):
     assert set(names) <= set(listed)
 
     summary = study.write_report(params, root)
-    assert summary == {"experiments": 4, "cells": 2}
+    assert summary == {"experiments": 6, "cells": 3}
     result = json.loads((root / "reports/study/study.json").read_text())
     cells = {(c["axis"], c["value"]): c for c in result["cells"]}
-    assert set(cells) == {("base", "default"), ("distill", "alpha=0.0,beta=1.0")}
-    base = cells[("base", "default")]
+    assert set(cells) == {("cells", "default"), ("ablation", "default"), ("distill", "alpha=0.0,beta=1.0")}
+    base = cells[("cells", "default")]
     assert base["seeds"] == 2 and len(base["accuracy"]["compressed+cpet"]) == 2
     assert len(base["mcnemar_per_seed"]) == 2
-    assert "| distill | alpha=0.0,beta=1.0 | 2 |" in (root / "reports/study/study.md").read_text()
+    ablation = cells[("ablation", "default")]
+    assert set(ablation["accuracy"]) == {"original+pet", "compressed+inherit-only", "compressed+pet",
+                                         "compressed+cpet", "compressed+inherit"}
+    # same seed, same recipe, same data: the ablation run's pet/cpet equal the cells run's
+    assert ablation["accuracy"]["compressed+cpet"] == base["accuracy"]["compressed+cpet"]
+    md = (root / "reports/study/study.md").read_text()
+    assert "| distill | alpha=0.0,beta=1.0 | tiny | int8 | 2 |" in md and "| compressed+inherit |" in md
     assert (root / "reports/study/study.png").stat().st_size > 1000
-
