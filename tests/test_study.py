@@ -36,6 +36,9 @@ def test_experiments_change_one_axis_at_a_time_per_seed():
         assert f"recover.variants=[{','.join(variants)}]" in e.overrides
     steps = {e.value for e in exps if e.axis == "steps"}
     assert steps == {str(n) for n in s.steps if n != params.recover.train.steps}
+    for name, over in s.settings.items():
+        assert all(o in e.overrides for e in exps if e.value == name for o in over)
+    assert {e.value for e in exps if e.axis == "setting"} == set(s.settings)
     strength = [e for e in exps if e.axis == "strength" and e.seed == s.seeds[0]]
     assert len(strength) == sum(map(len, s.strength.values()))
     raw = params.model_dump(by_alias=True, mode="json")
@@ -155,7 +158,7 @@ def test_study_runs_dvc_experiments_and_reports(tiny_project, monkeypatch):
     raw["recover"]["variants"] = ["compressed+pet", "compressed+cpet"]
     raw["study"].update(tasks=["tiny"], methods=["int8"], task="tiny", method="int8", seeds=[0, 1],
                         variants=["compressed+pet", "compressed+cpet"], ablations=["compressed+inherit"],
-                        steps=[raw["recover"]["train"]["steps"]], distill=[[0.0, 1.0]], strength={})
+                        steps=[raw["recover"]["train"]["steps"]], distill=[[0.0, 1.0]], strength={}, settings={})
     raw["study"]["bootstrap"]["samples"] = 200
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")

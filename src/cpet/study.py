@@ -1,4 +1,4 @@
-"""Where CPET recovers, and by how much: DVC experiments on one cell, and their report.
+"""Where CPET recovers, and by how much: DVC experiments over the comparison's cells, and their report.
 
 The engine is DVC's: each experiment is ``dvc exp run --temp -n <name> -S <override> ... evaluate``
 (a temporary copy of the project; the workspace and its results stay as they are; unchanged stages
@@ -7,7 +7,8 @@ is only the list of overrides (:func:`experiments`) and the statistics (:func:`r
 
 * per experiment and seed, accuracy of every variant on the test split (``reports/predictions.json``);
 * the recovery ratio ``(cpet - pet) / (original - pet)`` pooled over seeds, with a percentile
-  bootstrap interval that resamples seeds and test rows (the same rows for every model of a seed);
+  bootstrap interval that resamples seeds and test rows (the same rows for every model of a seed),
+  and every ablation row's share of the gap with the same interval;
 * McNemar CPET vs PET per seed and over all seeds' rows together;
 * the ratio against each axis (recover steps, compression strength, distillation weights).
 """
@@ -32,7 +33,7 @@ PREFIX = "study-"
 @dataclass(frozen=True)
 class Experiment:
     name: str
-    axis: str  # cells | ablation | steps | strength | distill
+    axis: str  # cells | ablation | distill | steps | setting | strength
     value: str
     seed: int
     overrides: tuple[str, ...] = field(default=())
@@ -86,6 +87,8 @@ def experiments(params: Params) -> list[Experiment]:
             if s.max_train:
                 over.append(f"fetch.split.max_train={s.max_train}")
             axes.append(("steps", str(steps), focus, over))
+    for name, over in s.settings.items():
+        axes.append(("setting", name, focus, list(over)))
     for method, settings in s.strength.items():
         for setting in settings:
             value = ",".join(f"{k}={v}" for k, v in sorted(setting.items())) or "as-is"

@@ -402,7 +402,8 @@ class StudyConfig(Section):
 
     Axis ``cells``: every ``tasks`` x ``methods`` cell with the default recipe. The other axes run on
     one focus cell (``task`` x ``method``): ``ablation`` (the default recipe with ``variants`` +
-    ``ablations``: the reference point of the curves), ``steps``, ``distill`` and ``strength``."""
+    ``ablations``: the reference point of the curves), ``distill``, ``steps``, ``setting`` (any
+    overrides, named) and ``strength``."""
 
     tasks: list[str] = Field(min_length=1, description="tasks of the 'cells' axis (others are removed)")
     methods: list[str] = Field(min_length=1, description="compress.methods entries of the 'cells' axis")
@@ -416,6 +417,8 @@ class StudyConfig(Section):
     strength: dict[str, list[dict[str, Any]]] = Field(
         description="compress.methods entry -> settings merged into it, each on study.task ({} = as is; axis 'strength')")
     distill: list[tuple[float, float]] = Field(description="(alpha, beta) of recover.distill (axis 'distill')")
+    settings: dict[str, list[str]] = Field(
+        description="name -> `dvc exp run -S` overrides, each on the focus cell (axis 'setting')")
     bootstrap: BootstrapConfig
 
 
