@@ -1,6 +1,7 @@
 """Export: the exact deployment form, ONNX parity per compression family, the export stage."""
 
 import copy
+import io
 import json
 from collections import Counter
 
@@ -411,7 +412,7 @@ def test_int8bench_models_times_base_and_compressed_folders(tmp_path):
     assert out["batch 1"]["base"]["speedup"] == 1.0 and out["batch 16"]["w8a8-static"]["p50_ms"] > 0
 
 
-def test_a_bundle_is_usable_without_the_registry(recovered, capsys):
+def test_a_bundle_is_usable_without_the_registry(recovered, capsys, monkeypatch):
     """`cpet predict --bundle` = the README's three-line Python load; the bundle's LoRA part is a
     standard peft folder that PeftModel.from_pretrained loads on the compressed model."""
     import yaml
@@ -432,6 +433,9 @@ def test_a_bundle_is_usable_without_the_registry(recovered, capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["text"] for r in rows] == texts and all(r["task"] == "tiny" for r in rows)
     assert all(abs(sum(r["scores"].values()) - 1) < 1e-4 for r in rows)
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(texts) + "\n\n"))  # '-': one text a line
+    assert main([*cli, "--bundle", str(bundle_dir), "-"]) == 0
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == rows
 
     # the three lines of Python (README "Use a bundle without the registry")
     model = load_bundle(load_compressed(root / "models/compressed/int8"), bundle_dir).eval()

@@ -177,16 +177,16 @@ def _promote(args, params) -> int:
 
 
 def _predict(args, params) -> int:
+    texts = [line.rstrip("\n") for line in sys.stdin if line.strip()] if args.texts == ["-"] else args.texts
     if args.bundle is not None:
         from cpet.standalone import bundle_predict
 
-        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()] if args.texts == ["-"] else args.texts
         for row in bundle_predict(params, Path(args.root), args.bundle, texts, task=args.task):
             print(json.dumps(row))
         return 0
     from cpet.tracking.commands import predict_command
 
-    return predict_command(params, Path(args.root), args.model, args.texts, args.task)
+    return predict_command(params, Path(args.root), args.model, texts, args.task)
 
 
 def _card(args, params) -> int:

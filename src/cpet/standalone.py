@@ -101,6 +101,11 @@ def bundle_predict(params, root: Path, bundle: Path, texts: list[str], *, task: 
                           max_length=params.serve.max_length, batch_size=params.serve.batch_size)
     probs = torch.softmax(scores, dim=1).tolist()
     labels = view.verbalizer.labels
-    return [{"text": t, "task": task, "label": labels[k], "score": round(p[k], 6),
-             "scores": {lab: round(v, 6) for lab, v in zip(labels, p, strict=True)}}
+    return [prediction_row(t, task, labels[k], p[k], dict(zip(labels, p, strict=True)))
             for t, k, p in zip(texts, idx, probs, strict=True)]
+
+
+def prediction_row(text: str, task: str, label: str, score: float, scores: dict[str, float]) -> dict:
+    """One line of ``cpet predict``'s output (bundle or registered model alike)."""
+    return {"text": text, "task": task, "label": label, "score": round(float(score), 6),
+            "scores": {k: round(float(v), 6) for k, v in scores.items()}}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 from cpet.errors import CpetError
@@ -57,8 +56,6 @@ def predict_command(params, root: Path, model_uri: str, texts: list[str], task: 
     connect(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    if texts == ["-"]:
-        texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except MlflowException as err:
@@ -66,10 +63,10 @@ def predict_command(params, root: Path, model_uri: str, texts: list[str], task: 
     import pandas as pd
 
     frame = pd.DataFrame({"text": texts, **({"task": [task] * len(texts)} if task else {})})
+    from cpet.standalone import prediction_row
+
     for text, (_, row) in zip(texts, model.predict(frame).iterrows(), strict=True):
-        print(json.dumps({"text": text, "task": row["task"], "label": row["label"],
-                          "score": round(float(row["score"]), 6),
-                          "scores": {k: round(float(v), 6) for k, v in row["scores"].items()}}))
+        print(json.dumps(prediction_row(text, row["task"], row["label"], row["score"], row["scores"])))
     return 0
 
 
