@@ -32,6 +32,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from cpet import paths
 from cpet.compress.arch import projection
 from cpet.errors import CpetError
 from cpet.export.sidepath import SidePath, layer_terms, side_terms
@@ -124,7 +125,7 @@ def build_model(root: Path, method: str, tasks: list[str], variant: str) -> Mult
     from cpet.pet import load_bundle
     from cpet.stages.recover import OUT_DIR as RECOVER_DIR
 
-    cm = load_compressed_model(Path(root) / "models" / "compressed" / method)
+    cm = load_compressed_model(Path(root) / paths.compressed(method))
     # to_deploy works on a copy: cm.model stays the plain base each task's bundle is loaded onto
     multi = MultiTaskModel(to_deploy(cm.model, cm.records))
     for task in tasks:
@@ -176,7 +177,7 @@ def load_predictor(params, root: Path, method: str, tasks: list[str] | None = No
 
     from cpet.stages.common import task_views
 
-    tokenizer = AutoTokenizer.from_pretrained(Path(root) / "models/base")
+    tokenizer = AutoTokenizer.from_pretrained(Path(root) / paths.BASE)
     views = {v.name: v for v in task_views(params, Path(root), tokenizer)}
     tasks = tasks or list(views)
     for t in tasks:
@@ -254,7 +255,7 @@ def merged_models(root: Path, method: str, tasks: list[str], variant: str) -> li
     from cpet.pet import load_bundle
     from cpet.stages.recover import OUT_DIR as RECOVER_DIR
 
-    cm = load_compressed_model(Path(root) / "models" / "compressed" / method)
+    cm = load_compressed_model(Path(root) / paths.compressed(method))
     return [deploy_model(load_bundle(copy.deepcopy(cm.model), Path(root) / RECOVER_DIR / method / t / variant))
             for t in tasks]
 

