@@ -3,11 +3,15 @@
 Files are written to a temporary sibling and renamed; directories are built in a temporary
 sibling directory and swapped in with one rename, so a killed run leaves the previous
 artifact (or nothing) behind and a rerun starts cleanly.
+
+Under :func:`discard_writes` (the non-zero ranks of a distributed launch: they train in step with
+rank 0, which alone writes the stage's outputs) every write here is dropped.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import os
@@ -16,6 +20,20 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+
+_DISCARD: contextvars.ContextVar[bool] = contextvars.ContextVar("cpet_io_discard", default=False)
+
+
+@contextlib.contextmanager
+def discard_writes() -> Iterator[None]:
+    """Drop every write of this module inside the block: files are not written, ``atomic_dir``
+    yields a scratch folder that is deleted afterwards, figures are closed unsaved."""
+    token = _DISCARD.set(True)
+    try:
+        yield
+    finally:
+        _DISCARD.reset(token)
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
@@ -27,6 +45,8 @@ def _fsync_write(path: Path, data: bytes) -> None:
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
+    if _DISCARD.get():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -60,6 +80,13 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     On an exception the temporary directory is removed and ``path`` is left untouched.
     """
     path = Path(path)
+    if _DISCARD.get():
+        scratch = Path(tempfile.mkdtemp(prefix=f"cpet-discard-{path.name}."))
+        try:
+            yield scratch
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     tmp.chmod(0o755)  # mkdtemp makes 0700
@@ -82,6 +109,9 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
     import matplotlib.pyplot as plt
 
     path = Path(path)
+    if _DISCARD.get():
+        plt.close(fig)
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     fig.savefig(tmp, dpi=dpi)

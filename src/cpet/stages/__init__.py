@@ -1,9 +1,10 @@
 """Pipeline stages: one function per stage, the same code for DVC (through the CLI) and Prefect.
 
 A stage takes the typed :class:`~cpet.config.Params` and the project root, writes only under its
-own outputs (atomically) and returns a small dict of metrics. A stage that fans out (one output
-per compression method, per task, ...) also takes a keyword selecting one item; DVC runs one
-``cpet <stage> --<keyword> <item>`` per item (``foreach``) and the Prefect flow maps over them.
+own outputs (atomically; under a distributed launch rank 0 alone writes) and returns a small
+dict of metrics. A stage that fans out (one output per compression method, per task, ...) also
+takes a keyword selecting one item; DVC runs one ``cpet <stage> --<keyword> <item>`` per item
+(``foreach``) and the Prefect flow maps over them.
 ``ORDER`` is the DVC stage order.
 """
 
@@ -12,7 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cpet import io
 from cpet.config import Params
+from cpet.env import is_main_process
 from cpet.errors import ConfigError
 from cpet.stages.bench import bench
 from cpet.stages.compress import compress
@@ -45,10 +48,16 @@ class Stage:
         return item
 
     def __call__(self, params: Params, root, **selector) -> dict:
-        """Run the stage inside its MLflow run (``track`` in params.yaml; see cpet.tracking)."""
+        """Run the stage inside its MLflow run (``track`` in params.yaml; see cpet.tracking).
+
+        Under ``accelerate launch`` / ``torchrun`` every rank runs the stage (the trainer keeps
+        them in step with DDP); rank 0 alone writes its outputs and its MLflow run."""
         from cpet.tracking import stage_run
 
         self.select(params, **selector)
+        if not is_main_process():
+            with io.discard_writes():
+                return self.fn(params, root, **selector)
         with stage_run(params, root, self.name, next(iter(selector.values()), None)) as run:
             metrics = self.fn(params, root, **selector)
             if run is not None:
