@@ -53,9 +53,9 @@ run: install
 results: install
 	dvc repro evaluate
 
-# Issue 13's study: DVC experiments on one cell (params.yaml `study:`), then the report.
+# The study (params.yaml `study:`, docs/study.md): DVC experiments, then reports/study/. The first
+# experiment (the default recipe, seed 0) is `dvc repro evaluate`'s run; later ones reuse its stages.
 study: install
-	dvc repro evaluate
 	cpet study
 	cpet study-report
 
