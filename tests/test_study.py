@@ -51,6 +51,26 @@ def test_experiments_change_one_axis_at_a_time_per_seed():
         study.experiments(parse_params(raw))
 
 
+def test_every_experiments_overrides_apply_through_dvcs_parser(tmp_path):
+    """Each experiment's -S list, applied as `dvc exp run` applies it, gives valid params with the
+    setting in place (a key the method entry lacks, e.g. heads_ratio, needs '++')."""
+    from dvc.utils.hydra import apply_overrides
+
+    params = load_params(ROOT / "params.yaml")
+    for e in study.experiments(params):
+        path = tmp_path / f"{e.name}.yaml"
+        shutil.copy(ROOT / "params.yaml", path)
+        apply_overrides(path, list(e.overrides))
+        got = load_params(path)
+        assert got.recover.train.seed == e.seed
+        if e.axis == "strength":
+            method, setting = e.value.split(":")
+            entry = got.compress.method(method)
+            for pair in setting.split(","):
+                key, value = pair.split("=")
+                assert str(getattr(entry, key)) == value, (e.name, key)
+
+
 def _seed(rng, n, acc):
     gold = rng.integers(0, 2, n)
     out = {"gold": gold.tolist()}

@@ -93,7 +93,7 @@ def experiments(params: Params) -> list[Experiment]:
         for setting in settings:
             value = ",".join(f"{k}={v}" for k, v in sorted(setting.items())) or "as-is"
             axes.append(("strength", f"{method}:{value}", ([s.task], [method], list(s.variants)),
-                         [f"compress.methods.{method}.{k}={json.dumps(v)}" for k, v in setting.items()]))
+                         [f"++compress.methods.{method}.{k}={json.dumps(v)}" for k, v in setting.items()]))
     out = []
     for axis, value, (tasks, methods, variants), over in axes:
         for seed in s.seeds:
