@@ -274,12 +274,13 @@ def markdown(result: dict) -> str:
             share = "reference" if k in (ORIGINAL, PET) else _fmt_ratio(c["ratios"].get(k), c["intervals"].get(k, [None]))
             lines.append(f"| {k} | {' / '.join(f'{a:.3f}' for a in accs)} | {c['mean_accuracy'][k]:.3f} | {share} |")
     lines += ["", "## One setting changed at a time (focus cell; the reference is the ablation run)", "",
-              "| axis | value | task | method | seeds | original+pet | compressed+pet | compressed+cpet | "
-              "ratio [interval] | McNemar |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "| axis | value | task | method | seeds | original+pet | inherit-only | compressed+pet | "
+              "compressed+cpet | ratio [interval] | McNemar |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in (c for c in cells if c["axis"] not in ("cells",)):
         m = c["mean_accuracy"]
         lines.append(f"| {c['axis']} | {c['value']} | {c['task']} | {c['method']} | {c['seeds']} | "
-                     f"{m.get(ORIGINAL, 0):.3f} | {m.get(PET, 0):.3f} | {m.get(CPET, 0):.3f} | "
+                     f"{m.get(ORIGINAL, 0):.3f} | {m.get(INHERIT_ONLY, float('nan')):.3f} | "
+                     f"{m.get(PET, 0):.3f} | {m.get(CPET, 0):.3f} | "
                      f"{_fmt_ratio(c['recovery_ratio'], c['interval'])} | {_fmt_test(c['mcnemar_pooled'])} |")
     return "\n".join(lines) + "\n"
 
