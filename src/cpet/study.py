@@ -293,7 +293,9 @@ def _panel(ax, title: str, labels: list[str], ratios: list, intervals: list) -> 
     ax.axhline(0, color="grey", lw=0.8)
     ax.axhline(1, color="black", ls="--", lw=0.8)
     ax.set_xticks(range(len(ys)), labels, rotation=25, ha="right", fontsize=7)
-    ax.set_title(title, fontsize=9)
+    low, high = ax.get_ylim()  # a ratio over a gap of a point or two has a huge interval: clip
+    ax.set_ylim(max(low, -1.5), min(high, 2.0))
+    ax.set_title(title + ("\n(intervals clipped to [-1.5, 2])" if low < -1.5 or high > 2.0 else ""), fontsize=9)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -325,9 +327,13 @@ def plot(result: dict, path: Path) -> None:
         panels.append((f"CPET ratio vs {axis}", [c["value"] for c in row],
                        [c["recovery_ratio"] for c in row], [c["interval"] for c in row]))
     panels = panels or [("no cells", [], [], [])]
-    fig, subplots = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
-    for ax, panel in zip(subplots[0], panels):
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, subplots = plt.subplots(rows, cols, figsize=(5 * cols, 4 * rows), squeeze=False)
+    for ax, panel in zip(subplots.flat, panels):
         _panel(ax, *panel)
+    for ax in list(subplots.flat)[len(panels):]:
+        ax.axis("off")
     fig.tight_layout()
     io.save_figure(fig, path)
 
