@@ -22,11 +22,11 @@ from typing import Any
 
 from cpet import io
 from cpet.config import Params
+from cpet.config.recipes import CPET, ORIGINAL, PET
 from cpet.errors import CpetError
 from cpet.study import experiment_revs, read_json_at
 
 EXPERIMENT = "front"
-ORIGINAL, PET, CPET = "original+pet", "compressed+pet", "compressed+cpet"
 RUNTIME = "onnxruntime"
 REPORTS = Path("reports")
 

@@ -22,6 +22,11 @@ def compressed(method: str) -> Path:
     return Path("models") / "compressed" / method
 
 
+def bundle(method: str, task: str, variant: str) -> Path:
+    """A trained variant's bundle (adapter + recovery modules): ``models/recover/<m>/<task>/<variant>``."""
+    return Path("models") / "recover" / method / task / variant
+
+
 def teacher(task: str) -> Path:
     return Path("models") / "teacher" / task
 

@@ -123,13 +123,12 @@ def build_model(root: Path, method: str, tasks: list[str], variant: str) -> Mult
     from cpet.compress import load_compressed_model
     from cpet.compress.runtime import to_deploy
     from cpet.pet import load_bundle
-    from cpet.stages.recover import OUT_DIR as RECOVER_DIR
 
     cm = load_compressed_model(Path(root) / paths.compressed(method))
     # to_deploy works on a copy: cm.model stays the plain base each task's bundle is loaded onto
     multi = MultiTaskModel(to_deploy(cm.model, cm.records))
     for task in tasks:
-        bundle_dir = Path(root) / RECOVER_DIR / method / task / variant
+        bundle_dir = Path(root) / paths.bundle(method, task, variant)
         if not (bundle_dir / "bundle.json").is_file():
             raise CpetError(f"serve: no {variant} bundle for task {task!r} at {bundle_dir} (run the recover stage)")
         multi.add_task(task, load_bundle(copy.deepcopy(cm.model), bundle_dir))
@@ -253,10 +252,9 @@ def merged_models(root: Path, method: str, tasks: list[str], variant: str) -> li
     from cpet.compress import load_compressed_model
     from cpet.export import deploy_model
     from cpet.pet import load_bundle
-    from cpet.stages.recover import OUT_DIR as RECOVER_DIR
 
     cm = load_compressed_model(Path(root) / paths.compressed(method))
-    return [deploy_model(load_bundle(copy.deepcopy(cm.model), Path(root) / RECOVER_DIR / method / t / variant))
+    return [deploy_model(load_bundle(copy.deepcopy(cm.model), Path(root) / paths.bundle(method, t, variant)))
             for t in tasks]
 
 

@@ -95,7 +95,7 @@ def bundle_predict(params, root: Path, bundle: Path, texts: list[str], *, task: 
                           "pass --task for a bundle outside models/recover/<method>/<task>/<variant>")
     base = Path(base) if base else paths.require(root, paths.compressed(bundle.parent.parent.name))
     tokenizer = load_tokenizer(root)
-    view = next(v for v in task_views(params, root, tokenizer) if v.name == task)
+    (view,) = task_views(params, root, tokenizer, tasks=[task])
     model = load_bundle(load_compressed(base, form="train"), bundle).eval()
     idx, scores = predict(model, tokenizer, texts, view.template, view.verbalizer,
                           max_length=params.serve.max_length, batch_size=params.serve.batch_size)

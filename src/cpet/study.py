@@ -276,7 +276,7 @@ def markdown(result: dict) -> str:
     lines += ["", "## One setting changed at a time (focus cell; the reference is the ablation run)", "",
               "| axis | value | task | method | seeds | original+pet | inherit-only | compressed+pet | "
               "compressed+cpet | ratio [interval] | McNemar |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for c in (c for c in cells if c["axis"] not in ("cells",)):
+    for c in (c for c in cells if c["axis"] != "cells"):
         m = c["mean_accuracy"]
         lines.append(f"| {c['axis']} | {c['value']} | {c['task']} | {c['method']} | {c['seeds']} | "
                      f"{m.get(ORIGINAL, 0):.3f} | {m.get(INHERIT_ONLY, float('nan')):.3f} | "

@@ -23,15 +23,15 @@ from pathlib import Path
 
 from cpet import io, paths
 from cpet.config import Params
+from cpet.config.recipes import ORIGINAL
 from cpet.stages.export import OUT_DIR as ONNX_DIR
 from cpet.stages.export import write_onnx
-from cpet.stages.recover import OUT_DIR as RECOVER_DIR
 
 OUT_DIR = Path("models") / "bench"
 REPORT_JSON = Path("reports") / "bench.json"
 REPORT_MD = Path("reports") / "bench.md"
 SERVE_MEMORY = Path("reports") / "serve_memory.json"
-ORIGINAL = "original+pet"
+
 MODEL_FILES = (".onnx", ".onnx_data", ".safetensors")
 
 
@@ -61,7 +61,7 @@ class Spec:
         base = root / paths.compressed(self.compression)
         if self.variant == "compressed":
             return [base]
-        return [base, root / RECOVER_DIR / self.compression / self.task / self.variant]
+        return [base, root / paths.bundle(self.compression, self.task, self.variant)]
 
     def onnx_dir(self) -> Path:
         root = Path(self.root)

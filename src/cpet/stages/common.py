@@ -52,11 +52,14 @@ class TaskView:
         return data.load_split(self.root, self.name, split)
 
 
-def task_views(params: Params, root: Path, tokenizer) -> list[TaskView]:
-    """Every configured task, after checking its data passed validation and its verbalizer
-    covers exactly the task's labels (a null verbalizer: each label's name is its word)."""
+def task_views(params: Params, root: Path, tokenizer, tasks: list[str] | None = None) -> list[TaskView]:
+    """Every configured task (or those of ``tasks``), after checking its data passed validation
+    and its verbalizer covers exactly the task's labels (a null verbalizer: each label's name is
+    its word)."""
     views = []
     for name, cfg in params.tasks.items():
+        if tasks is not None and name not in tasks:
+            continue
         require_valid(root, name)
         labels = data.load_manifest(root, name)["labels"]
         if cfg.verbalizer is not None and sorted(cfg.verbalizer) != sorted(labels):

@@ -20,7 +20,6 @@ from cpet.env import device, use_bf16
 from cpet.lmcls import accuracy_f1
 from cpet.stages.common import evaluator, load_base, load_compressed_base, load_tokenizer, task_views
 from cpet.stages.inherit import OUT_DIR as INHERIT_DIR
-from cpet.stages.recover import OUT_DIR as RECOVER_DIR
 
 def _predict(model, ev, bf16: bool) -> list[int]:
     import torch
@@ -73,7 +72,7 @@ def evaluate(params: Params, root: str | Path = ".") -> dict:
             score(view.name, ev, method, "compressed+inherit-only", model)
             preds = {}
             for variant in params.recover.variants:
-                model = load_bundle(copy.deepcopy(base), root / RECOVER_DIR / method / view.name / variant)
+                model = load_bundle(copy.deepcopy(base), root / paths.bundle(method, view.name, variant))
                 preds[variant] = score(view.name, ev, method, variant, model)
             if {"compressed+pet", "compressed+cpet"} <= preds.keys():
                 paired.setdefault(view.name, {})[method] = mcnemar(ev.labels, preds["compressed+pet"],

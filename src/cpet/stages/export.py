@@ -22,7 +22,6 @@ from pathlib import Path
 from cpet import io, paths
 from cpet.config import Params
 from cpet.stages.common import load_tokenizer, task_views
-from cpet.stages.recover import OUT_DIR as RECOVER_DIR
 
 OUT_DIR = Path("models") / "onnx"
 REPORT_DIR = Path("reports") / "export"
@@ -57,7 +56,7 @@ def export_task(params: Params, root: Path, method: str, cm, view, tokenizer, ou
     from cpet.pet import load_bundle
 
     cfg = params.export
-    bundle = load_bundle(copy.deepcopy(cm.model), root / RECOVER_DIR / method / view.name / cfg.variant)
+    bundle = load_bundle(copy.deepcopy(cm.model), root / paths.bundle(method, view.name, cfg.variant))
     meta = {"task": view.name, "compression": method, "variant": cfg.variant, "template": view.template,
             "labels": list(view.verbalizer.labels), **view.verbalizer.identity(), "max_length": cfg.max_length}
     graph = write_onnx(bundle, cm.records, tokenizer, out, meta, lean=view.verbalizer.first_token)

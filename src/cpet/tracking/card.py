@@ -105,7 +105,7 @@ def task_facts(params, root: Path, method: str, task: str, variant: str, name: s
     from cpet.tracking.registry import base_name
 
     root = Path(root)
-    bundle = bundle or root / "models" / "recover" / method / task / variant
+    bundle = bundle or root / paths.bundle(method, task, variant)
     rows = _json(root / "reports" / "results.json") or []
     row = {(r.get("task"), r.get("compression"), r.get("variant")): r for r in rows}
     results = {v: row.get((task, m, v)) for m, v in (("none", "original+pet"), (method, "compressed+pet"),

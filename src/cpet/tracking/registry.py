@@ -221,7 +221,7 @@ def register_all(params, root: str | os.PathLike = ".") -> dict:
             done = Registered(name, version, promote(client, name, version, metrics, cfg.base_gates), metrics, reused)
             out[name] = done.summary()
             for task in params.tasks:
-                bundle = root / "models" / "recover" / method / task / cfg.variant
+                bundle = root / paths.bundle(method, task, cfg.variant)
                 if not (bundle / "bundle.json").is_file():
                     raise CpetError(f"{bundle}: no bundle; run `cpet recover --method {method}`")
                 spec = tmp / task / "tasks.json"
