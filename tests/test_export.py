@@ -330,10 +330,10 @@ def test_headbench_prints_lean_vs_full_ratios(tmp_path):
     from cpet.export.headbench import main
 
     params = Path(__file__).resolve().parents[1] / "params.yaml"
-    out = main(["--params", str(params), "--methods", "struct25", "--rounds", "2", "--keep", str(tmp_path)])
-    assert set(out["p50_ms"]) == {"original+pet full", "original+pet lean", "compressed/struct25 lean",
-                                  "compressed+cpet/struct25 full", "compressed+cpet/struct25 lean",
-                                  "compressed+cpet/struct25 lean-apart"}
+    out = main(["--params", str(params), "--methods", "struct25kv", "--rounds", "2", "--keep", str(tmp_path)])
+    assert set(out["p50_ms"]) == {"original+pet full", "original+pet lean", "compressed/struct25kv lean",
+                                  "compressed+cpet/struct25kv full", "compressed+cpet/struct25kv lean",
+                                  "compressed+cpet/struct25kv lean-apart"}
     assert out["ratios"]["original+pet: full / lean"]["p50"] > 0
     assert out["ort_options"]["graph_optimization_level"] == "ORT_ENABLE_ALL"
 

@@ -18,8 +18,14 @@ from cpet.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _with_candidate(params):
+    raw = params.model_dump(by_alias=True, mode="json")
+    raw["study"]["candidates"] = {"alpha-3": ["recover.distill.alpha=3.0"]}
+    return parse_params(raw)
+
+
 def test_experiments_change_one_axis_at_a_time_per_seed():
-    params = load_params(ROOT / "params.yaml")
+    params = _with_candidate(load_params(ROOT / "params.yaml"))
     exps = study.experiments(params)
     s = params.study
     names = [e.name for e in exps]
@@ -28,8 +34,8 @@ def test_experiments_change_one_axis_at_a_time_per_seed():
     assert [e.axis for e in exps][:2 * len(s.seeds)] == ["cells"] * len(s.seeds) + ["ablation"] * len(s.seeds)
     for e in exps:
         assert f"recover.train.seed={e.seed}" in e.overrides
-        tasks = s.tasks if e.axis == "cells" else [s.task]
-        methods = s.methods if e.axis == "cells" else [e.value.split(":")[0]] if e.axis == "strength" else [s.method]
+        tasks = s.tasks if e.axis in ("cells", "candidate") else [s.task]
+        methods = s.methods if e.axis in ("cells", "candidate") else [e.value.split(":")[0]] if e.axis == "strength" else [s.method]
         assert {t for t in params.tasks if f"~tasks.{t}" not in e.overrides} == set(tasks)
         assert {m for m in params.compress.methods if f"~compress.methods.{m}" not in e.overrides} == set(methods)
         variants = s.variants + (s.ablations if e.axis == "ablation" else [])
@@ -39,6 +45,8 @@ def test_experiments_change_one_axis_at_a_time_per_seed():
     for name, over in s.settings.items():
         assert all(o in e.overrides for e in exps if e.value == name for o in over)
     assert {e.value for e in exps if e.axis == "setting"} == set(s.settings)
+    assert [e.name for e in exps if e.axis == "candidate"] == [f"study-candidate-alpha-3-s{n}" for n in s.seeds]
+    assert all("recover.distill.alpha=3.0" in e.overrides for e in exps if e.axis == "candidate")
     strength = [e for e in exps if e.axis == "strength" and e.seed == s.seeds[0]]
     assert len(strength) == sum(map(len, s.strength.values()))
     raw = params.model_dump(by_alias=True, mode="json")
@@ -56,7 +64,7 @@ def test_every_experiments_overrides_apply_through_dvcs_parser(tmp_path):
     setting in place (a key the method entry lacks, e.g. heads_ratio, needs '++')."""
     from dvc.utils.hydra import apply_overrides
 
-    params = load_params(ROOT / "params.yaml")
+    params = _with_candidate(load_params(ROOT / "params.yaml"))
     for e in study.experiments(params):
         path = tmp_path / f"{e.name}.yaml"
         shutil.copy(ROOT / "params.yaml", path)
@@ -118,7 +126,7 @@ def _predictions(rng, tasks, methods, variants, n=200):
 
 def test_report_groups_cells_and_ablation_rows_with_known_ratios(tmp_path):
     """Two seeds of every experiment, predictions built so each variant's accuracy is known."""
-    params = load_params(ROOT / "params.yaml")
+    params = _with_candidate(load_params(ROOT / "params.yaml"))
     s = params.study
     rng = np.random.default_rng(0)
     runs = {}
@@ -127,9 +135,16 @@ def test_report_groups_cells_and_ablation_rows_with_known_ratios(tmp_path):
             runs[e.name] = _predictions(rng, s.tasks, s.methods, s.variants)
         elif e.axis == "ablation":
             runs[e.name] = _predictions(rng, [s.task], [s.method], [*s.variants, *s.ablations])
+        elif e.axis == "candidate":  # cpet wrong on 5 rows instead of 10: ratio 0.75
+            runs[e.name] = _predictions(rng, s.tasks, s.methods, s.variants)
+            for preds in runs[e.name].values():
+                for m in s.methods:
+                    preds[f"{m}/compressed+cpet"][5:10] = preds["gold"][5:10]
     result = study.report(params, runs)
     cells = {(c["axis"], c["task"], c["method"]): c for c in result["cells"]}
-    assert set(cells) == {("cells", t, m) for t in s.tasks for m in s.methods} | {("ablation", s.task, s.method)}
+    assert set(cells) == ({(axis, t, m) for axis in ("cells", "candidate") for t in s.tasks for m in s.methods}
+                          | {("ablation", s.task, s.method)})
+    assert cells[("candidate", s.tasks[0], s.methods[1])]["recovery_ratio"] == pytest.approx(0.75)
     grid = cells[("cells", s.tasks[0], s.methods[0])]
     # 200 rows; inherit-only wrong on 30, pet on 20, cpet on 10: ratio (0.95 - 0.90) / (1 - 0.90)
     assert grid["seeds"] == 2 and grid["mean_accuracy"]["compressed+pet"] == pytest.approx(0.90)
@@ -147,12 +162,19 @@ def test_report_groups_cells_and_ablation_rows_with_known_ratios(tmp_path):
     md = study.markdown(result)
     assert "## Every cell, default recipe" in md and f"## Ablations on {s.task} x {s.method}" in md
     assert f"| {s.tasks[1]} | {s.methods[1]} | 2 | 1.000 | 0.850 | 0.900 | 0.950 | 0.50 [" in md
+    assert f"| alpha-3 | {s.tasks[1]} | {s.methods[1]} | 2 | 0.900 | 0.975 | 0.75 [" in md
+    row = next(line for line in md.splitlines() if line.startswith(f"| alpha-3 | {s.tasks[1]} | {s.methods[1]} |"))
+    assert "| 0.950 | 0.50 [" in row  # the default recipe's cpet and ratio beside the candidate's
     study.plot(result, tmp_path / "study.png")
     assert (tmp_path / "study.png").stat().st_size > 1000
 
 
 def _git(root, *args):
     subprocess.run(["git", *args], cwd=root, check=True, capture_output=True)
+
+
+def _head(root):
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
 
 
 def _dvc(root, *args):
@@ -220,3 +242,25 @@ def test_study_runs_dvc_experiments_and_reports(tiny_project, monkeypatch):
     md = (root / "reports/study/study.md").read_text()
     assert "| distill | alpha=0.0,beta=1.0 | tiny | int8 | 2 |" in md and "| compressed+inherit |" in md
     assert (root / "reports/study/study.png").stat().st_size > 1000
+
+    # A new baseline changes one default: `cpet study` counts only its own experiments as done, so
+    # the cells rerun there; the report takes each experiment from the newest baseline that has it.
+    old = _head(root)
+    raw["recover"]["train"]["lr"] = raw["recover"]["train"]["lr"] * 3
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    _git(root, "commit", "-qam", "new default lr")
+    params = load_params(root / "params.yaml")
+    assert study._experiment_revs(root) == {}
+    assert set(study.study_revs(root)) == set(names)  # all still reportable, from the old baseline
+    study.run(params, root, only=["study-cells-*"])
+    revs = study.study_revs(root)
+    assert {n: b for n, (_, b) in revs.items()} == {n: _head(root) if n.startswith("study-cells-") else old for n in names}
+    study.write_report(params, root)
+    result = json.loads((root / "reports/study/study.json").read_text())
+    by_axis = {c["axis"]: c for c in result["cells"]}
+    assert by_axis["cells"]["baselines"] == [_head(root)[:7]] and by_axis["ablation"]["baselines"] == [old[:7]]
+    assert by_axis["cells"]["accuracy"]["original+pet"] == base["accuracy"]["original+pet"]  # teacher untouched
+    lr = raw["recover"]["train"]["lr"]
+    assert by_axis["cells"]["drift"] == {} and by_axis["ablation"]["drift"] == {"recover.train.lr": [lr / 3, lr]}
+    md = (root / "reports/study/study.md").read_text()
+    assert f"| {_head(root)[:7]} |" in md and f"commit {old[:7]} (ran with recover.train.lr={lr / 3}))" in md

@@ -10,7 +10,8 @@ is only the list of overrides (:func:`experiments`) and the statistics (:func:`r
   bootstrap interval that resamples seeds and test rows (the same rows for every model of a seed),
   and every ablation row's share of the gap with the same interval;
 * McNemar CPET vs PET per seed and over all seeds' rows together;
-* the ratio against each axis (recover steps, compression strength, distillation weights).
+* the ratio against each axis (recover steps, compression strength, distillation weights), and
+  every cell under a candidate default next to the cells under the current one.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 from cpet import io
 from cpet.config import Params
@@ -33,7 +36,7 @@ PREFIX = "study-"
 @dataclass(frozen=True)
 class Experiment:
     name: str
-    axis: str  # cells | ablation | distill | steps | setting | strength
+    axis: str  # cells | ablation | distill | steps | setting | strength | candidate
     value: str
     seed: int
     overrides: tuple[str, ...] = field(default=())
@@ -89,6 +92,8 @@ def experiments(params: Params) -> list[Experiment]:
             axes.append(("steps", str(steps), focus, over))
     for name, over in s.settings.items():
         axes.append(("setting", name, focus, list(over)))
+    for name, over in s.candidates.items():
+        axes.append(("candidate", name, (list(s.tasks), list(s.methods), list(s.variants)), list(over)))
     for method, settings in s.strength.items():
         for setting in settings:
             value = ",".join(f"{k}={v}" for k, v in sorted(setting.items())) or "as-is"
@@ -128,6 +133,41 @@ def _experiment_revs(root: Path) -> dict[str, str]:
     return {name: rev for name, rev in experiment_revs(root).items() if name.startswith(PREFIX)}
 
 
+def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
+
+
+def study_revs(root: Path) -> dict[str, tuple[str, str]]:
+    """Study experiment name -> (experiment commit, baseline commit), for the report.
+
+    Each name is taken from the newest baseline in HEAD's history that has it (HEAD's own first),
+    so changing one default and rerunning only the experiments it touches (``cpet study --only
+    ...``) keeps the others; the report names every experiment's baseline commit. ``cpet study``
+    itself reruns whatever the current baseline lacks. DVC keeps a finished experiment as the git
+    ref ``refs/exps/<baseline[:2]>/<baseline[2:]>/<name>`` (failed and queued ones have none)."""
+    proc = _git(root, "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps/")
+    if proc.returncode:
+        raise CpetError(f"git for-each-ref refs/exps: {(proc.stderr.strip().splitlines() or ['failed'])[-1]}")
+    found: dict[str, list[tuple[str, str]]] = {}
+    for line in proc.stdout.splitlines():
+        rev, ref = line.split(" ", 1)
+        parts = ref.split("/")
+        if len(parts) == 5 and len(parts[2]) == 2 and parts[4].startswith(PREFIX):
+            found.setdefault(parts[4], []).append((rev, parts[2] + parts[3]))
+    distance: dict[str, int | None] = {}
+    for base in {b for revs in found.values() for _, b in revs}:
+        ancestor = _git(root, "merge-base", "--is-ancestor", base, "HEAD").returncode == 0
+        count = _git(root, "rev-list", "--count", f"{base}..HEAD") if ancestor else None
+        distance[base] = int(count.stdout) if count is not None and not count.returncode else None
+    out = {}
+    for name, revs in found.items():
+        revs = [(distance[b], rev, b) for rev, b in revs if distance[b] is not None]
+        if revs:
+            _, rev, base = min(revs)
+            out[name] = (rev, base)
+    return out
+
+
 def experiment_revs(root: Path) -> dict[str, str]:
     """DVC experiment name -> commit, for every finished experiment on the current baseline."""
     proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=root,
@@ -153,14 +193,61 @@ def read_json_at(root: Path, rev: str, rel: str, where: str):
     return json.loads(proc.stdout)
 
 
+UNTRACKED = ("study", "front", "track")  # params.yaml sections no stage reads
+
+
+def _flat(raw: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in raw.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _stage_params(raw: dict) -> dict:
+    return _flat({k: v for k, v in raw.items() if k not in UNTRACKED})
+
+
+def _dump(params: Params) -> dict:
+    return params.model_dump(by_alias=True, mode="json")  # defaults filled in, whatever the file omitted
+
+
+def drift(params: Params, exp: Experiment, then: dict) -> dict[str, list]:
+    """Stage params an experiment ran with (``then``: its commit's params.yaml) that differ from
+    what it would run with today (``params`` with its overrides): ``key -> [then, today]``. A
+    result kept from an older baseline is only comparable where this is empty."""
+    import tempfile
+
+    from dvc.utils.hydra import apply_overrides
+
+    from cpet.config import parse_params
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "params.yaml"
+        path.write_text(yaml.safe_dump(_dump(params), sort_keys=False))
+        apply_overrides(path, list(exp.overrides))
+        today = _stage_params(_dump(parse_params(yaml.safe_load(path.read_text()))))
+    try:
+        ran = _stage_params(_dump(parse_params(then, f"{exp.name}: params.yaml")))
+    except ConfigError as err:
+        return {"params.yaml": [str(err), "loads today"]}
+    return {k: [ran.get(k), today.get(k)] for k in sorted(ran.keys() | today.keys()) if ran.get(k) != today.get(k)}
+
+
 def collect(params: Params, root: Path) -> dict[str, dict]:
-    """Experiment name -> its ``reports/predictions.json`` (``{task: {"gold", "<comp>/<variant>"}}``)."""
-    revs = _experiment_revs(root)
+    """Experiment name -> its ``reports/predictions.json`` (``{task: {"gold", "<comp>/<variant>"}}``),
+    the short baseline commit it ran on (key ``"baseline"``) and its :func:`drift` (``"drift"``)."""
+    revs = study_revs(root)
     out = {}
     for exp in experiments(params):
         if exp.name not in revs:
             continue
-        out[exp.name] = read_json_at(root, revs[exp.name], "reports/predictions.json", exp.name)
+        rev, base = revs[exp.name]
+        then = yaml.safe_load(_git(root, "show", f"{rev}:params.yaml").stdout or "{}")
+        out[exp.name] = {**read_json_at(root, rev, "reports/predictions.json", exp.name),
+                         "baseline": base[:7], "drift": drift(params, exp, then)}
     return out
 
 
@@ -231,14 +318,21 @@ def report(params: Params, runs: dict[str, dict]) -> dict:
     """Group experiments by (axis, value, task, method); each group's statistics over its seeds."""
     s = params.study
     groups: dict[tuple[str, str, str, str], list[dict]] = {}
+    baselines: dict[tuple[str, str, str, str], list[str]] = {}
+    drifts: dict[tuple[str, str, str, str], dict] = {}
     for exp in experiments(params):
         if exp.name in runs:
-            for (task, method), rows in _cells_of(exp.name, runs[exp.name]).items():
+            run = dict(runs[exp.name])
+            base, changed = run.pop("baseline", None), run.pop("drift", {})
+            for (task, method), rows in _cells_of(exp.name, run).items():
                 groups.setdefault((exp.axis, exp.value, task, method), []).append(rows)
+                baselines.setdefault((exp.axis, exp.value, task, method), []).append(base)
+                drifts.setdefault((exp.axis, exp.value, task, method), {}).update(changed)
     b = s.bootstrap
     cells = [{"axis": axis, "value": value, "task": task, "method": method,
+              "baselines": [x for x in dict.fromkeys(baselines[key]) if x], "drift": drifts[key],
               **cell_stats(seeds, b.samples, b.confidence, b.seed)}
-             for (axis, value, task, method), seeds in groups.items()]
+             for key, seeds in groups.items() for axis, value, task, method in [key]]
     return {"task": s.task, "method": s.method, "confidence": b.confidence, "cells": cells}
 
 
@@ -252,36 +346,65 @@ def _fmt_test(t) -> str:
     return "" if t is None else f"{t['only_pet_right']} / {t['only_cpet_right']}, p = {t['p_value']:.2g}"
 
 
+def _commit(c: dict) -> str:
+    """The baseline commit(s), and the stage params that ran otherwise than today's (up to 3)."""
+    out = "+".join(c.get("baselines") or []) or "?"
+    changed = [f"{k}={then}" for k, (then, _) in (c.get("drift") or {}).items()]
+    if changed:
+        out += " (ran with " + ", ".join(changed[:3]) + (f", +{len(changed) - 3} more" if len(changed) > 3 else "") + ")"
+    return out
+
+
 def markdown(result: dict) -> str:
     cells = result["cells"]
     lines = ["# CPET study", "",
              f"Recovery ratio (v - pet) / (original - pet), means pooled over seeds; "
              f"{result['confidence']:.0%} bootstrap interval over seeds and test rows. McNemar CPET vs "
-             "PET over all seeds' test rows (rows only PET / only CPET got right, two-sided p).", "",
+             "PET over all seeds' test rows (rows only PET / only CPET got right, two-sided p). "
+             "Commit: the baseline each experiment ran on (the newest in HEAD's history that has it), "
+             "and the stage params it ran with that differ from today's params.yaml (none listed: "
+             "comparable as is).", "",
              "## Every cell, default recipe", "",
              "| task | method | seeds | original+pet | inherit-only | compressed+pet | compressed+cpet | "
-             "ratio [interval] | McNemar |", "|---|---|---|---|---|---|---|---|---|"]
+             "ratio [interval] | McNemar | commit |", "|---|---|---|---|---|---|---|---|---|---|"]
     for c in (c for c in cells if c["axis"] == "cells"):
         m = c["mean_accuracy"]
         lines.append(f"| {c['task']} | {c['method']} | {c['seeds']} | {m.get(ORIGINAL, 0):.3f} | "
                      f"{m.get(INHERIT_ONLY, float('nan')):.3f} | {m.get(PET, 0):.3f} | {m.get(CPET, 0):.3f} | "
-                     f"{_fmt_ratio(c['recovery_ratio'], c['interval'])} | {_fmt_test(c['mcnemar_pooled'])} |")
+                     f"{_fmt_ratio(c['recovery_ratio'], c['interval'])} | {_fmt_test(c['mcnemar_pooled'])} | "
+                     f"{_commit(c)} |")
     for c in (c for c in cells if c["axis"] == "ablation"):
-        lines += ["", f"## Ablations on {c['task']} x {c['method']} (recipe rows)", "",
+        lines += ["", f"## Ablations on {c['task']} x {c['method']} (recipe rows; commit {_commit(c)})", "",
                   "| variant | accuracy per seed | mean | share of the gap closed [interval] |",
                   "|---|---|---|---|"]
         for k, accs in sorted(c["accuracy"].items(), key=lambda kv: c["mean_accuracy"][kv[0]]):
             share = "reference" if k in (ORIGINAL, PET) else _fmt_ratio(c["ratios"].get(k), c["intervals"].get(k, [None]))
             lines.append(f"| {k} | {' / '.join(f'{a:.3f}' for a in accs)} | {c['mean_accuracy'][k]:.3f} | {share} |")
+    default = {(c["task"], c["method"]): c for c in cells if c["axis"] == "cells"}
+    candidates = [c for c in cells if c["axis"] == "candidate"]
+    if candidates:
+        lines += ["", "## Candidate defaults on every cell (against the default recipe's row above)", "",
+                  "| candidate | task | method | seeds | compressed+pet | compressed+cpet | ratio [interval] | "
+                  "McNemar | default: compressed+cpet | default: ratio | commit |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for c in candidates:
+            m, d = c["mean_accuracy"], default.get((c["task"], c["method"]))
+            was = (f"{d['mean_accuracy'].get(CPET, 0):.3f} | {_fmt_ratio(d['recovery_ratio'], d['interval'])}"
+                   if d else "n/a | n/a")
+            lines.append(f"| {c['value']} | {c['task']} | {c['method']} | {c['seeds']} | {m.get(PET, 0):.3f} | "
+                         f"{m.get(CPET, 0):.3f} | {_fmt_ratio(c['recovery_ratio'], c['interval'])} | "
+                         f"{_fmt_test(c['mcnemar_pooled'])} | {was} | {_commit(c)} |")
     lines += ["", "## One setting changed at a time (focus cell; the reference is the ablation run)", "",
               "| axis | value | task | method | seeds | original+pet | inherit-only | compressed+pet | "
-              "compressed+cpet | ratio [interval] | McNemar |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for c in (c for c in cells if c["axis"] != "cells"):
+              "compressed+cpet | ratio [interval] | McNemar | commit |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in (c for c in cells if c["axis"] not in ("cells", "candidate")):
         m = c["mean_accuracy"]
         lines.append(f"| {c['axis']} | {c['value']} | {c['task']} | {c['method']} | {c['seeds']} | "
                      f"{m.get(ORIGINAL, 0):.3f} | {m.get(INHERIT_ONLY, float('nan')):.3f} | "
                      f"{m.get(PET, 0):.3f} | {m.get(CPET, 0):.3f} | "
-                     f"{_fmt_ratio(c['recovery_ratio'], c['interval'])} | {_fmt_test(c['mcnemar_pooled'])} |")
+                     f"{_fmt_ratio(c['recovery_ratio'], c['interval'])} | {_fmt_test(c['mcnemar_pooled'])} | "
+                     f"{_commit(c)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -317,7 +440,18 @@ def plot(result: dict, path: Path) -> None:
         keys = sorted(ref["ratios"], key=lambda k: ref["ratios"][k] if ref["ratios"][k] is not None else -9)
         panels.append((f"share of gap closed, {ref['task']}/{ref['method']}", [k.removeprefix("compressed+") for k in keys],
                        [ref["ratios"][k] for k in keys], [ref["intervals"][k] for k in keys]))
-    for axis in dict.fromkeys(c["axis"] for c in cells if c["axis"] not in ("cells", "ablation")):
+    cands = [c for c in cells if c["axis"] == "candidate"]
+    if cands:
+        by_cell = {(c["task"], c["method"]): c for c in grid}
+        row = []
+        for (task, method) in dict.fromkeys((c["task"], c["method"]) for c in cands):
+            here = [by_cell[(task, method)]] if (task, method) in by_cell else []
+            here += [c for c in cands if (c["task"], c["method"]) == (task, method)]
+            row += [{**c, "value": f"{task}/{method} {c['value'] if c['axis'] == 'candidate' else 'default'}"}
+                    for c in here]
+        panels.append(("ratio per cell, default vs candidate", [c["value"] for c in row],
+                       [c["recovery_ratio"] for c in row], [c["interval"] for c in row]))
+    for axis in dict.fromkeys(c["axis"] for c in cells if c["axis"] not in ("cells", "ablation", "candidate")):
         row = [c for c in cells if c["axis"] == axis]
         if ref and axis != "strength":
             row = [{**ref, "value": "default"}] + row

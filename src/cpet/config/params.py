@@ -403,7 +403,8 @@ class StudyConfig(Section):
     Axis ``cells``: every ``tasks`` x ``methods`` cell with the default recipe. The other axes run on
     one focus cell (``task`` x ``method``): ``ablation`` (the default recipe with ``variants`` +
     ``ablations``: the reference point of the curves), ``distill``, ``steps``, ``setting`` (any
-    overrides, named) and ``strength``."""
+    overrides, named) and ``strength``. Axis ``candidate``: named overrides on every cell, to
+    weigh a candidate default against the ``cells`` axis before it becomes the default."""
 
     tasks: list[str] = Field(min_length=1, description="tasks of the 'cells' axis (others are removed)")
     methods: list[str] = Field(min_length=1, description="compress.methods entries of the 'cells' axis")
@@ -419,6 +420,9 @@ class StudyConfig(Section):
     distill: list[tuple[float, float]] = Field(description="(alpha, beta) of recover.distill (axis 'distill')")
     settings: dict[str, list[str]] = Field(
         description="name -> `dvc exp run -S` overrides, each on the focus cell (axis 'setting')")
+    candidates: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="name -> `dvc exp run -S` overrides, each on every cell of the 'cells' axis (axis 'candidate')")
     bootstrap: BootstrapConfig
 
 

@@ -2,7 +2,7 @@
 
 ::
 
-    PYTHONPATH=src python -m cpet.export.headbench [--base models/base] [--methods int3,struct25]
+    PYTHONPATH=src python -m cpet.export.headbench [--base models/base] [--methods int3,struct25kv]
         [--batch 1 --seq-len 64 --rounds 30 --threads 0]
 
 Models, with params.yaml's adapter shapes (``teacher.lora``, ``recover.recovery``) and random
