@@ -264,3 +264,25 @@ def test_study_runs_dvc_experiments_and_reports(tiny_project, monkeypatch):
     assert by_axis["cells"]["drift"] == {} and by_axis["ablation"]["drift"] == {"recover.train.lr": [lr / 3, lr]}
     md = (root / "reports/study/study.md").read_text()
     assert f"| {_head(root)[:7]} |" in md and f"commit {old[:7]} (ran with recover.train.lr={lr / 3}))" in md
+
+
+def test_drift_names_the_stage_params_an_older_experiment_ran_with():
+    """A result from an older baseline is flagged with what it ran otherwise than today, study
+    sections aside; a method entry only one side has is named once."""
+    params = load_params(ROOT / "params.yaml")
+    cells = next(e for e in study.experiments(params) if e.axis == "cells")
+    then = params.model_dump(by_alias=True, mode="json")
+    assert study.drift(params, cells, then) == {}
+    then["study"]["seeds"] = [7]  # not a stage input
+    then["recover"]["distill"]["alpha"] = 9.0
+    then["compress"]["methods"]["old"] = then["compress"]["methods"].pop(params.study.methods[1])
+    got = study.drift(params, cells, then)
+    assert got["recover.distill.alpha"] == [9.0, params.recover.distill.alpha]
+    assert not any(k.startswith("study.") for k in got)
+    text = study._commit({"baselines": ["abc1234"], "drift": got})
+    assert text.startswith("abc1234 (ran with ") and "recover.distill.alpha=9.0" in text
+    assert "compress.methods.old (not in today's params)" in text
+    assert f"no compress.methods.{params.study.methods[1]}" in text
+    seed1 = next(e for e in study.experiments(params) if e.axis == "cells" and e.seed == 1)
+    then = params.model_dump(by_alias=True, mode="json")  # seed 0: what the seed-1 run did not run
+    assert study.drift(params, seed1, then) == {"recover.train.seed": [0, 1]}

@@ -229,6 +229,7 @@ def drift(params: Params, exp: Experiment, then: dict) -> dict[str, list]:
         path.write_text(yaml.safe_dump(_dump(params), sort_keys=False))
         apply_overrides(path, list(exp.overrides))
         today = _stage_params(_dump(parse_params(yaml.safe_load(path.read_text()))))
+    then = {**then, **{k: v for k, v in _dump(params).items() if k in UNTRACKED}}  # not stage inputs
     try:
         ran = _stage_params(_dump(parse_params(then, f"{exp.name}: params.yaml")))
     except ConfigError as err:
@@ -346,10 +347,27 @@ def _fmt_test(t) -> str:
     return "" if t is None else f"{t['only_pet_right']} / {t['only_cpet_right']}, p = {t['p_value']:.2g}"
 
 
+def _drift_text(changed: dict[str, list]) -> list[str]:
+    """``key=then`` per drifted param; a whole entry that only one side has, once by its name."""
+    out, done = [], set()
+    for key, (then, _) in changed.items():
+        parent = key.rsplit(".", 1)[0]
+        if key in done:
+            continue
+        sub = {k: v for k, v in changed.items() if k.rsplit(".", 1)[0] == parent}
+        if "." in key and len(sub) > 1 and (all(v[0] is None for v in sub.values()) or all(v[1] is None for v in sub.values())):
+            done |= sub.keys()
+            gone = all(v[1] is None for v in sub.values())
+            out.append(f"{parent} (not in today's params)" if gone else f"no {parent}")
+        else:
+            out.append(f"{key}={then}")
+    return out
+
+
 def _commit(c: dict) -> str:
     """The baseline commit(s), and the stage params that ran otherwise than today's (up to 3)."""
     out = "+".join(c.get("baselines") or []) or "?"
-    changed = [f"{k}={then}" for k, (then, _) in (c.get("drift") or {}).items()]
+    changed = _drift_text(c.get("drift") or {})
     if changed:
         out += " (ran with " + ", ".join(changed[:3]) + (f", +{len(changed) - 3} more" if len(changed) > 3 else "") + ")"
     return out
