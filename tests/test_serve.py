@@ -25,10 +25,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def server(tiny_project):
-    """`cpet serve` in a subprocess on a free loopback port, over two tasks on one int8 base; the
-    second task's words are two tokens with the same first token (scored whole: sum)."""
+def two_tasks(tiny_project):
+    """The tiny project with a second task (same texts; two-token words sharing their first token,
+    scored whole: sum), one int8 base and its compressed+cpet bundles, params.yaml written."""
     root, params = tiny_project
     src = data.task_dir(root, "tiny")
     dst = data.task_dir(root, "swapped")  # same texts, other (two-token) label words: a second real task
@@ -45,6 +44,13 @@ def server(tiny_project):
     for name in ("validate", "compress", "teacher", "recover"):
         STAGES[name](params, root)
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return root, params
+
+
+@pytest.fixture
+def server(tiny_project):
+    """`cpet serve` in a subprocess on a free loopback port, over two tasks on one int8 base."""
+    root, _ = two_tasks(tiny_project)
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-m", "cpet.cli", "--root", str(root), "--params",
@@ -129,3 +135,19 @@ def test_round_trip_good_and_bad_requests(server):
     assert r.status_code == 422
     # still serving, and still right, after every bad request
     assert httpx.post(f"{url}/predict", json={"task": "tiny", "texts": texts}).json()["results"] == results
+
+
+def test_serving_some_tasks_reads_only_their_data(tiny_project):
+    """`--tasks tiny` loads tiny's bundle and data alone: another task's data may be gone."""
+    from cpet.errors import CpetError
+    from cpet.serve import load_predictor
+
+    root, params = two_tasks(tiny_project)
+    for f in data.task_dir(root, "swapped").iterdir():
+        f.unlink()
+    predictor = load_predictor(params, root, "int8", ["tiny"])
+    assert list(predictor.tasks) == ["tiny"]
+    with pytest.raises(CpetError, match=r"processed/swapped/train.jsonl: missing since validation"):
+        load_predictor(params, root, "int8")
+    with pytest.raises(CpetError, match=r"--tasks: 'nope' is not a configured task \(tiny, swapped\)"):
+        load_predictor(params, root, "int8", ["nope"])

@@ -176,12 +176,12 @@ def load_predictor(params, root: Path, method: str, tasks: list[str] | None = No
 
     from cpet.stages.common import task_views
 
-    tokenizer = AutoTokenizer.from_pretrained(Path(root) / paths.BASE)
-    views = {v.name: v for v in task_views(params, Path(root), tokenizer)}
-    tasks = tasks or list(views)
+    tasks = tasks or list(params.tasks)
     for t in tasks:
-        if t not in views:
-            raise CpetError(f"serve: --tasks: {t!r} is not a configured task ({', '.join(views)})")
+        if t not in params.tasks:
+            raise CpetError(f"serve: --tasks: {t!r} is not a configured task ({', '.join(params.tasks)})")
+    tokenizer = AutoTokenizer.from_pretrained(Path(root) / paths.BASE)
+    views = {v.name: v for v in task_views(params, Path(root), tokenizer, tasks=tasks)}  # served tasks' data only
     if method not in params.compress.methods:
         raise CpetError(f"serve: --method: {method!r} is not in compress.methods ({', '.join(params.compress.methods)})")
     model = build_model(Path(root), method, tasks, params.serve.variant)

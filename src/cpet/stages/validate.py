@@ -68,5 +68,8 @@ def require_valid(root: str | Path, task: str) -> None:
     if not report.get("success"):
         raise DataError(f"{task}: data failed validation (see {path}); refusing to use it")
     for split, digest in report.get("data_hashes", {}).items():
-        if io.sha256_file(data.task_dir(root, task) / f"{split}.jsonl") != digest:
+        file = data.task_dir(root, task) / f"{split}.jsonl"
+        if not file.is_file():
+            raise DataError(f"{file}: missing since validation; run fetch and validate again")
+        if io.sha256_file(file) != digest:
             raise DataError(f"{task}/{split}: data changed since validation; run validate again")
