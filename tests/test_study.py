@@ -131,12 +131,12 @@ def test_report_groups_cells_and_ablation_rows_with_known_ratios(tmp_path):
     rng = np.random.default_rng(0)
     runs = {}
     for e in study.experiments(params):
-        if e.axis == "cells":
-            runs[e.name] = _predictions(rng, s.tasks, s.methods, s.variants)
+        if e.axis == "cells":  # a seed's gold rows are the same in every experiment
+            runs[e.name] = _predictions(np.random.default_rng(e.seed), s.tasks, s.methods, s.variants)
         elif e.axis == "ablation":
             runs[e.name] = _predictions(rng, [s.task], [s.method], [*s.variants, *s.ablations])
         elif e.axis == "candidate":  # cpet wrong on 5 rows instead of 10: ratio 0.75
-            runs[e.name] = _predictions(rng, s.tasks, s.methods, s.variants)
+            runs[e.name] = _predictions(np.random.default_rng(e.seed), s.tasks, s.methods, s.variants)
             for preds in runs[e.name].values():
                 for m in s.methods:
                     preds[f"{m}/compressed+cpet"][5:10] = preds["gold"][5:10]
@@ -145,6 +145,9 @@ def test_report_groups_cells_and_ablation_rows_with_known_ratios(tmp_path):
     assert set(cells) == ({(axis, t, m) for axis in ("cells", "candidate") for t in s.tasks for m in s.methods}
                           | {("ablation", s.task, s.method)})
     assert cells[("candidate", s.tasks[0], s.methods[1])]["recovery_ratio"] == pytest.approx(0.75)
+    # same seed, same rows: the candidate's cpet is right on 5 more rows per seed than the default's
+    vs = cells[("candidate", s.tasks[0], s.methods[1])]["vs_default"]
+    assert vs["seeds"] == s.seeds and vs["only_default_right"] == 0 and vs["only_candidate_right"] == 5 * len(s.seeds)
     grid = cells[("cells", s.tasks[0], s.methods[0])]
     # 200 rows; inherit-only wrong on 30, pet on 20, cpet on 10: ratio (0.95 - 0.90) / (1 - 0.90)
     assert grid["seeds"] == 2 and grid["mean_accuracy"]["compressed+pet"] == pytest.approx(0.90)
@@ -165,6 +168,7 @@ def test_report_groups_cells_and_ablation_rows_with_known_ratios(tmp_path):
     assert f"| alpha-3 | {s.tasks[1]} | {s.methods[1]} | 2 | 0.900 | 0.975 | 0.75 [" in md
     row = next(line for line in md.splitlines() if line.startswith(f"| alpha-3 | {s.tasks[1]} | {s.methods[1]} |"))
     assert "| 0.950 | 0.50 [" in row  # the default recipe's cpet and ratio beside the candidate's
+    assert f"| 0 / {5 * len(s.seeds)}, p = " in row  # paired: rows only the default / only the candidate got right
     study.plot(result, tmp_path / "study.png")
     assert (tmp_path / "study.png").stat().st_size > 1000
 

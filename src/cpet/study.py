@@ -321,6 +321,7 @@ def report(params: Params, runs: dict[str, dict]) -> dict:
     groups: dict[tuple[str, str, str, str], list[dict]] = {}
     baselines: dict[tuple[str, str, str, str], list[str]] = {}
     drifts: dict[tuple[str, str, str, str], dict] = {}
+    seeds_of: dict[tuple[str, str, str, str], list[int]] = {}
     for exp in experiments(params):
         if exp.name in runs:
             run = dict(runs[exp.name])
@@ -329,18 +330,48 @@ def report(params: Params, runs: dict[str, dict]) -> dict:
                 groups.setdefault((exp.axis, exp.value, task, method), []).append(rows)
                 baselines.setdefault((exp.axis, exp.value, task, method), []).append(base)
                 drifts.setdefault((exp.axis, exp.value, task, method), {}).update(changed)
+                seeds_of.setdefault((exp.axis, exp.value, task, method), []).append(exp.seed)
     b = s.bootstrap
     cells = [{"axis": axis, "value": value, "task": task, "method": method,
               "baselines": [x for x in dict.fromkeys(baselines[key]) if x], "drift": drifts[key],
               **cell_stats(seeds, b.samples, b.confidence, b.seed)}
              for key, seeds in groups.items() for axis, value, task, method in [key]]
+    for c in cells:
+        if c["axis"] == "candidate":
+            key, ref = (c["axis"], c["value"], c["task"], c["method"]), ("cells", "default", c["task"], c["method"])
+            if ref in groups:
+                c["vs_default"] = paired_test(dict(zip(seeds_of[ref], groups[ref])), dict(zip(seeds_of[key], groups[key])))
     return {"task": s.task, "method": s.method, "confidence": b.confidence, "cells": cells}
+
+
+def paired_test(default: dict[int, dict], candidate: dict[int, dict], variant: str = CPET) -> dict | None:
+    """McNemar of ``variant`` under a candidate against the default recipe, over the seeds both ran
+    (same seed: same test rows): rows only the default / only the candidate got right."""
+    from scipy.stats import binomtest
+
+    seeds = [n for n in default if n in candidate and variant in default[n] and variant in candidate[n]
+             and default[n]["gold"] == candidate[n]["gold"]]  # other test rows (e.g. another split): no pairs
+    if not seeds:
+        return None
+    a = b = 0
+    for n in seeds:
+        gold = default[n]["gold"]
+        d = [x == g for x, g in zip(default[n][variant], gold)]
+        c = [x == g for x, g in zip(candidate[n][variant], gold)]
+        a += sum(x and not y for x, y in zip(d, c))
+        b += sum(y and not x for x, y in zip(d, c))
+    return {"seeds": seeds, "only_default_right": a, "only_candidate_right": b,
+            "p_value": float(binomtest(b, a + b, 0.5).pvalue) if a + b else 1.0}
 
 
 def _fmt_ratio(r, lo_hi) -> str:
     if r is None:
         return "n/a"
     return f"{r:.2f} [{lo_hi[0]:.2f}, {lo_hi[1]:.2f}]" if lo_hi[0] is not None else f"{r:.2f}"
+
+
+def _fmt_paired(t) -> str:
+    return "n/a" if t is None else f"{t['only_default_right']} / {t['only_candidate_right']}, p = {t['p_value']:.2g}"
 
 
 def _fmt_test(t) -> str:
@@ -403,15 +434,15 @@ def markdown(result: dict) -> str:
     if candidates:
         lines += ["", "## Candidate defaults on every cell (against the default recipe's row above)", "",
                   "| candidate | task | method | seeds | compressed+pet | compressed+cpet | ratio [interval] | "
-                  "McNemar | default: compressed+cpet | default: ratio | commit |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "McNemar | default: compressed+cpet | default: ratio | cpet default / candidate only right | commit |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for c in candidates:
             m, d = c["mean_accuracy"], default.get((c["task"], c["method"]))
             was = (f"{d['mean_accuracy'].get(CPET, 0):.3f} | {_fmt_ratio(d['recovery_ratio'], d['interval'])}"
                    if d else "n/a | n/a")
             lines.append(f"| {c['value']} | {c['task']} | {c['method']} | {c['seeds']} | {m.get(PET, 0):.3f} | "
                          f"{m.get(CPET, 0):.3f} | {_fmt_ratio(c['recovery_ratio'], c['interval'])} | "
-                         f"{_fmt_test(c['mcnemar_pooled'])} | {was} | {_commit(c)} |")
+                         f"{_fmt_test(c['mcnemar_pooled'])} | {was} | {_fmt_paired(c.get('vs_default'))} | {_commit(c)} |")
     lines += ["", "## One setting changed at a time (focus cell; the reference is the ablation run)", "",
               "| axis | value | task | method | seeds | original+pet | inherit-only | compressed+pet | "
               "compressed+cpet | ratio [interval] | McNemar | commit |",
