@@ -204,7 +204,8 @@ def test_study_runs_dvc_experiments_and_reports(tiny_project, monkeypatch):
     raw["recover"]["variants"] = ["compressed+pet", "compressed+cpet"]
     raw["study"].update(tasks=["tiny"], methods=["int8"], task="tiny", method="int8", seeds=[0, 1],
                         variants=["compressed+pet", "compressed+cpet"], ablations=["compressed+inherit"],
-                        steps=[raw["recover"]["train"]["steps"]], distill=[[0.0, 1.0]], strength={}, settings={})
+                        steps=[raw["recover"]["train"]["steps"]], distill=[[0.0, 1.0]], strength={}, settings={},
+                        candidates={})
     raw["study"]["bootstrap"]["samples"] = 200
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
