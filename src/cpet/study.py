@@ -128,13 +128,30 @@ def run(params: Params, root: Path, only: list[str] | None = None, dry_run: bool
     return commands
 
 
-def _experiment_revs(root: Path) -> dict[str, str]:
-    """DVC experiment name -> commit, for this study's experiments on the current baseline."""
-    return {name: rev for name, rev in experiment_revs(root).items() if name.startswith(PREFIX)}
-
-
 def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
+
+
+def _study_refs(root: Path) -> list[tuple[str, str, str]]:
+    """``(name, experiment commit, baseline commit)`` of every finished study experiment. DVC keeps
+    one as the git ref ``refs/exps/<baseline[:2]>/<baseline[2:]>/<name>`` (failed and queued ones
+    have none)."""
+    proc = _git(root, "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps/")
+    if proc.returncode:
+        raise CpetError(f"git for-each-ref refs/exps: {(proc.stderr.strip().splitlines() or ['failed'])[-1]}")
+    out = []
+    for line in proc.stdout.splitlines():
+        rev, ref = line.split(" ", 1)
+        parts = ref.split("/")
+        if len(parts) == 5 and len(parts[2]) == 2 and parts[4].startswith(PREFIX):
+            out.append((parts[4], rev, parts[2] + parts[3]))
+    return out
+
+
+def _experiment_revs(root: Path) -> dict[str, str]:
+    """Study experiment name -> commit, for the experiments on the current baseline (HEAD)."""
+    head = _git(root, "rev-parse", "HEAD").stdout.strip()
+    return {name: rev for name, rev, base in _study_refs(root) if base == head}
 
 
 def study_revs(root: Path) -> dict[str, tuple[str, str]]:
@@ -143,29 +160,18 @@ def study_revs(root: Path) -> dict[str, tuple[str, str]]:
     Each name is taken from the newest baseline in HEAD's history that has it (HEAD's own first),
     so changing one default and rerunning only the experiments it touches (``cpet study --only
     ...``) keeps the others; the report names every experiment's baseline commit. ``cpet study``
-    itself reruns whatever the current baseline lacks. DVC keeps a finished experiment as the git
-    ref ``refs/exps/<baseline[:2]>/<baseline[2:]>/<name>`` (failed and queued ones have none)."""
-    proc = _git(root, "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps/")
-    if proc.returncode:
-        raise CpetError(f"git for-each-ref refs/exps: {(proc.stderr.strip().splitlines() or ['failed'])[-1]}")
-    found: dict[str, list[tuple[str, str]]] = {}
-    for line in proc.stdout.splitlines():
-        rev, ref = line.split(" ", 1)
-        parts = ref.split("/")
-        if len(parts) == 5 and len(parts[2]) == 2 and parts[4].startswith(PREFIX):
-            found.setdefault(parts[4], []).append((rev, parts[2] + parts[3]))
+    itself reruns whatever the current baseline lacks."""
+    refs = _study_refs(root)
     distance: dict[str, int | None] = {}
-    for base in {b for revs in found.values() for _, b in revs}:
+    for base in {b for _, _, b in refs}:
         ancestor = _git(root, "merge-base", "--is-ancestor", base, "HEAD").returncode == 0
         count = _git(root, "rev-list", "--count", f"{base}..HEAD") if ancestor else None
         distance[base] = int(count.stdout) if count is not None and not count.returncode else None
-    out = {}
-    for name, revs in found.items():
-        revs = [(distance[b], rev, b) for rev, b in revs if distance[b] is not None]
-        if revs:
-            _, rev, base = min(revs)
-            out[name] = (rev, base)
-    return out
+    best: dict[str, tuple[int, str, str]] = {}
+    for name, rev, base in refs:
+        if distance[base] is not None and (name not in best or distance[base] < best[name][0]):
+            best[name] = (distance[base], rev, base)
+    return {name: (rev, base) for name, (_, rev, base) in best.items()}
 
 
 def experiment_revs(root: Path) -> dict[str, str]:
